@@ -1,0 +1,93 @@
+"""Fine-tune a BERT on a GLUE task (single sentences, pairs, or regression).
+
+    python -m research.main --config configs/glue.py:task=sst2,model=minilm --workdir runs/sst2
+
+Arguments: task=<cola|sst2|mrpc|qqp|stsb|mnli|qnli|rte|wnli>, model=<preset in configs/common.py>,
+and `smoke` for a one-minute run on a slice of the data. Any field can be overridden:
+`--config.optimizer.lr=3e-5`. Data comes from `data.glue_dir` (default: $GLUE_DIR, else
+../shared/data/glue) or from TFDS with `--config.data.source=tfds`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+from research.data.sources import default_glue_dir
+
+# Per-task defaults that differ from the BERT paper recipe below (as data).
+TASK_DEFAULTS = {
+  "sst2": dict(num_epochs=3.0, eval_every_steps=1000, checkpoint_every_steps=1000),
+  "cola": dict(num_epochs=3.0),
+  "mrpc": dict(num_epochs=3.0),
+  "stsb": dict(num_epochs=3.0),
+  "rte": dict(num_epochs=3.0),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = common.parse_arg(arg, task="sst2", model="minilm", smoke=False)
+  c = ml_collections.ConfigDict()
+  c.task = a.task
+  c.eval_split = "dev"
+  c.seed = 0
+
+  c.data = dict(
+    source="auto",  # auto | tsv | tfds
+    glue_dir=default_glue_dir(),
+    tfds_data_dir="",
+    max_length=128,
+    buckets=(8, 16, 24, 32, 48, 64, 96, 128),  # padded lengths; one compile each
+    sort_window=64,  # batches sorted together by length before shuffling
+    max_train_examples=0,  # 0 = all
+    max_eval_examples=0,
+    prefetch=2,  # batches put on device ahead of the step
+  )
+  c.model = common.model_config(a.model)
+
+  c.loss = ""  # "" = the task's default (softmax_xent, or mse for STS-B); see research/losses.py
+  c.loss_kwargs = dict(smoothing=0.1, gamma=2.0, delta=1.0, class_weights=())
+
+  # BERT paper recipe: AdamW, lr in {2,3,5}e-5, batch 32, 10% warmup then linear decay.
+  c.optimizer = dict(
+    name="adamw",
+    lr=5e-5,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-6,
+    momentum=0.9,
+    weight_decay=0.01,
+    schedule="linear",  # constant | linear | cosine | inverse_sqrt
+    warmup_ratio=0.1,
+    warmup_steps=0,  # > 0 overrides warmup_ratio
+    end_lr_ratio=0.0,
+    clip_norm=1.0,
+    grad_accum=1,  # micro-batches per step (batch_size is the global batch)
+  )
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.num_epochs = 3.0
+  c.num_train_steps = 0  # > 0 overrides num_epochs
+
+  c.log_every_steps = 100
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.best_metric = ""  # "" = the task's main metric
+  c.progress = True
+
+  c.num_devices = 0  # 0 = all
+  c.parallel = "jit"
+  c.distributed = False  # call jax.distributed.initialize() (multi-host)
+  c.donate = True
+  c.resume = ""  # another run's checkpoints/ folder to start from
+
+  c.update(TASK_DEFAULTS.get(a.task, {}))
+  if a.smoke:
+    c.data.max_train_examples = 256
+    c.data.max_eval_examples = 128
+    c.num_train_steps = 16
+    c.eval_every_steps = 8
+    c.log_every_steps = 4
+    c.checkpoint_every_steps = 8
+  c.lock()
+  return c

@@ -1,0 +1,79 @@
+"""Orbax checkpoints of {state, data position, config}, keeping the latest and the best.
+
+Resume precedence (see `train.py`): the workdir's own latest checkpoint > `config.resume`
+(another run's checkpoint folder) > `config.init_from` (pretrained weights) > scratch.
+Restoring passes the target shardings, so a checkpoint written on N devices restores on M.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+  """A thin wrapper over `ocp.CheckpointManager` with the three items we save."""
+
+  def __init__(self, directory: str | Path, *, best_metric: str, best_mode: str = "max", read_only: bool = False):
+    self.best_metric = best_metric
+    reverse = best_mode == "min"
+
+    def metric(m: dict[str, float]) -> float:
+      return m[best_metric]
+
+    # Keep the newest (to resume) and the best by dev metric (to use). `best_fn` with
+    # `max_to_keep` would delete the newest step, so the policy is spelled out.
+    policy = cm.AnyPreservationPolicy(
+      [
+        cm.LatestN(n=1),
+        cm.BestN(get_metric_fn=metric, reverse=reverse, n=1, keep_checkpoints_without_metrics=False),
+      ]
+    )
+    options = ocp.CheckpointManagerOptions(
+      best_fn=metric,
+      best_mode=best_mode,
+      preservation_policy=policy,
+      enable_async_checkpointing=True,
+      read_only=read_only,
+      create=not read_only,
+    )
+    self.manager = ocp.CheckpointManager(
+      Path(directory).resolve(), item_names=("state", "data", "config"), options=options
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step()
+
+  def save(self, step: int, state, data: dict, config: dict, metrics: dict[str, float] | None = None) -> None:
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data), config=ocp.args.JsonSave(config)
+    )
+    self.manager.save(step, args=args, metrics=metrics, force=True)
+
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
+    """Restore into the shapes, dtypes and shardings of `abstract_state`."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    out = self.manager.restore(step, args=args)
+    return out.state, out.data
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract(tree) -> Any:
+  """ShapeDtypeStructs with shardings, the restore target for `tree`."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -1,0 +1,40 @@
+"""Entry point: parse flags, join a multi-host run if asked, train.
+
+python -m research.main --config configs/glue.py:task=sst2,model=minilm --workdir runs/sst2
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from research import parallel, train
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file, e.g. configs/glue.py:task=sst2", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard events go.")
+_CACHE = flags.DEFINE_string(
+  "compilation_cache", os.path.expanduser("~/.cache/research/jax"), "JAX persistent compilation cache ('' = off)."
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s] %(message)s")
+  for noisy in ("absl", "orbax", "jax._src"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  if _CACHE.value:
+    jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+  config = _CONFIG.value
+  parallel.maybe_initialize_distributed(config.distributed)
+  result = train.train_and_evaluate(config, Path(_WORKDIR.value))
+  logging.info("done: %s", result)
+
+
+if __name__ == "__main__":
+  app.run(main)

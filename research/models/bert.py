@@ -1,0 +1,163 @@
+"""BERT in Flax Linen: embeddings, post-LN encoder, pooler, and task heads.
+
+Read top to bottom; there are no framework layers. Shapes are in names:
+B batch, L sequence length, H hidden size, N heads, D head size, C classes.
+
+The parameter tree uses our own short names; `convert.py` maps them to
+Hugging Face names explicitly, in both directions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Architecture hyperparameters; field names follow HF `config.json`."""
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  initializer_range: float = 0.02
+  layer_norm_eps: float = 1e-12
+  pad_token_id: int = 0
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> BertConfig:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# HF's "gelu" is the exact erf form; "gelu_new"/"gelu_pytorch_tanh" the tanh one.
+_ACTIVATIONS = {
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "relu": jax.nn.relu,
+}
+
+
+def _dense(features: int, cfg: BertConfig, dtype: Any, name: str) -> nn.Dense:
+  return nn.Dense(
+    features,
+    dtype=dtype,
+    kernel_init=nn.initializers.normal(cfg.initializer_range),
+    name=name,
+  )
+
+
+def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
+  # Norms run in fp32 whatever the compute dtype: bf16 variance loses digits.
+  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32, name=name)
+
+
+class SelfAttention(nn.Module):
+  cfg: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxH, bias_Bx1x1xL, *, train: bool):
+    cfg = self.cfg
+    n = cfg.num_attention_heads
+    d = cfg.hidden_size // n
+    b, seq, _ = x_BxLxH.shape
+
+    def heads(name):
+      return _dense(cfg.hidden_size, cfg, self.dtype, name)(x_BxLxH).reshape(b, seq, n, d)
+
+    q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = heads("query"), heads("key"), heads("value")
+    scores_BxNxLxL = jnp.einsum("bqnd,bknd->bnqk", q_BxLxNxD, k_BxLxNxD) / jnp.sqrt(d).astype(self.dtype)
+    # Softmax in fp32: the masked bias is finfo.min, and exp() of bf16 scores is coarse.
+    probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL.astype(jnp.float32) + bias_Bx1x1xL, axis=-1)
+    probs_BxNxLxL = nn.Dropout(cfg.attention_probs_dropout_prob)(probs_BxNxLxL, deterministic=not train)
+    ctx_BxLxNxD = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxLxL.astype(self.dtype), v_BxLxNxD)
+    return _dense(cfg.hidden_size, cfg, self.dtype, "out")(ctx_BxLxNxD.reshape(b, seq, n * d))
+
+
+class Layer(nn.Module):
+  """One post-LN transformer layer, as in the original BERT."""
+
+  cfg: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxH, bias_Bx1x1xL, *, train: bool):
+    cfg = self.cfg
+    drop = nn.Dropout(cfg.hidden_dropout_prob)
+    attn = SelfAttention(cfg, self.dtype, name="attn")(x_BxLxH, bias_Bx1x1xL, train=train)
+    x_BxLxH = _layer_norm(cfg, "attn_norm")(x_BxLxH + drop(attn, deterministic=not train))
+    h = _dense(cfg.intermediate_size, cfg, self.dtype, "mlp_in")(x_BxLxH)
+    h = _dense(cfg.hidden_size, cfg, self.dtype, "mlp_out")(_ACTIVATIONS[cfg.hidden_act](h))
+    return _layer_norm(cfg, "mlp_norm")(x_BxLxH + drop(h, deterministic=not train))
+
+
+class BertEncoder(nn.Module):
+  """Returns (hidden states BxLxH, pooled [CLS] BxH)."""
+
+  cfg: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, *, train: bool):
+    cfg = self.cfg
+    init = nn.initializers.normal(cfg.initializer_range)
+    _, seq = input_ids_BxL.shape
+    if seq > cfg.max_position_embeddings:
+      raise ValueError(f"sequence length {seq} > max_position_embeddings {cfg.max_position_embeddings}")
+    x_BxLxH = (
+      nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, name="token_embed")(input_ids_BxL)
+      + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init, name="position_embed")(
+        jnp.arange(seq)[None, :]
+      )
+      + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, name="type_embed")(token_type_ids_BxL)
+    )
+    x_BxLxH = _layer_norm(cfg, "embed_norm")(x_BxLxH)
+    x_BxLxH = nn.Dropout(cfg.hidden_dropout_prob)(x_BxLxH, deterministic=not train).astype(self.dtype)
+
+    # Additive mask: 0 where attended, the most negative float where padded.
+    keep_Bx1x1xL = attention_mask_BxL[:, None, None, :].astype(bool)
+    bias_Bx1x1xL = jnp.where(keep_Bx1x1xL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    for i in range(cfg.num_hidden_layers):
+      x_BxLxH = Layer(cfg, self.dtype, name=f"layer_{i}")(x_BxLxH, bias_Bx1x1xL, train=train)
+
+    pooled_BxH = jnp.tanh(_dense(cfg.hidden_size, cfg, self.dtype, "pooler")(x_BxLxH[:, 0]))
+    return x_BxLxH, pooled_BxH
+
+
+class BertClassifier(nn.Module):
+  """Sequence classification (C = num classes) or regression (C = 1) on the pooled [CLS]."""
+
+  cfg: BertConfig
+  num_labels: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, *, train: bool = False):
+    _, pooled_BxH = BertEncoder(self.cfg, self.dtype, name="bert")(
+      input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, train=train
+    )
+    pooled_BxH = nn.Dropout(self.cfg.hidden_dropout_prob)(pooled_BxH, deterministic=not train)
+    logits_BxC = _dense(self.num_labels, self.cfg, self.dtype, "classifier")(pooled_BxH)
+    return logits_BxC.astype(jnp.float32)
+
+
+def mean_pool(hidden_BxLxH: jax.Array, attention_mask_BxL: jax.Array) -> jax.Array:
+  """Sentence embedding as sentence-transformers computes it: mean over real tokens."""
+  m_BxLx1 = attention_mask_BxL[..., None].astype(hidden_BxLxH.dtype)
+  return (hidden_BxLxH * m_BxLx1).sum(1) / jnp.maximum(m_BxLx1.sum(1), 1e-9)

@@ -1,0 +1,121 @@
+"""Device mesh, shardings, and how a step is compiled. All strategy differences live here.
+
+The main path: one `Mesh` with a `data` axis; batches are sharded on `P("data")`, the
+state is replicated, and `jax.jit` inserts the gradient all-reduce. On several hosts each
+process feeds its own rows and `jax.make_array_from_process_local_data` builds the global
+batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+
+def maybe_initialize_distributed(enabled: bool) -> None:
+  """Join a multi-process run (coordinator from the environment, as on TPU pods / Slurm)."""
+  if enabled:
+    jax.distributed.initialize()
+    log.info("process %d/%d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count())
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+  devices = jax.devices()
+  n = num_devices or len(devices)
+  if n > len(devices):
+    raise ValueError(f"config.num_devices={n} but only {len(devices)} devices are visible")
+  return jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=devices[:n])
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, grad_accum: int = 1) -> None:
+  n = mesh.shape["data"]
+  if batch_size % (n * grad_accum):
+    raise ValueError(f"config.batch_size={batch_size} must be divisible by devices ({n}) x grad_accum ({grad_accum})")
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded on `data`."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def replicate(tree, mesh: Mesh):
+  return jax.device_put(tree, replicated(mesh))
+
+
+def compile_train_step(step_fn: Callable, mesh: Mesh, donate: bool = True) -> Callable:
+  """jit with the state replicated and donated, the batch sharded on `data`."""
+  return jax.jit(
+    step_fn,
+    in_shardings=(replicated(mesh), batch_sharding(mesh)),
+    out_shardings=(replicated(mesh), replicated(mesh)),
+    donate_argnums=(0,) if donate else (),
+  )
+
+
+def compile_eval_step(step_fn: Callable, mesh: Mesh) -> Callable:
+  return jax.jit(step_fn, in_shardings=(replicated(mesh), batch_sharding(mesh)))
+
+
+def gather(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-host) sharded array as one numpy array on every host."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def prefetch(it: Iterator, put: Callable, size: int = 2) -> Iterator:
+  """Run `put(next(it))` in a background thread `size` items ahead of the consumer.
+
+  Host-side batching and the host-to-device copy then overlap with the running step.
+  Items are `(batch, extra)` pairs; only the batch goes through `put`.
+  """
+  if size <= 0:
+    for batch, extra in it:
+      yield put(batch), extra
+    return
+  q: queue.Queue = queue.Queue(maxsize=size)
+  stop = threading.Event()
+  done = object()
+
+  def worker():
+    try:
+      for batch, extra in it:
+        if stop.is_set():
+          return
+        q.put((put(batch), extra))
+      q.put(done)
+    except BaseException as e:  # surface data errors in the consumer
+      q.put(e)
+
+  t = threading.Thread(target=worker, daemon=True)
+  t.start()
+  try:
+    while True:
+      item = q.get()
+      if item is done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()

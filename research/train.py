@@ -1,0 +1,330 @@
+"""The canonical trainer: read it top to bottom.
+
+    mesh -> data -> model + params -> optimizer -> state -> restore -> jit steps -> loop
+
+`train_and_evaluate(config, workdir)` is what `main.py`, tests and notebooks call. When an
+idea does not fit the seams (model, loss, optimizer), fork this file into `projects/`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import transformers
+
+from research import checkpoint, losses, metrics, optim, parallel, steps, writers
+from research.data import pipeline, sources, tasks
+from research.models import convert
+from research.models.bert import BertClassifier, BertConfig
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------
+# Pieces the loop is built from.
+# ---------------------------------------------------------------------------------------
+
+
+def load_tokenizer(mc: ml_collections.ConfigDict):
+  """The checkpoint's own fast WordPiece tokenizer (or `model.tokenizer` for scratch models)."""
+  name = mc.tokenizer or mc.init_from
+  if not name:
+    raise ValueError("config.model.tokenizer is required when config.model.init_from is empty")
+  tok = transformers.AutoTokenizer.from_pretrained(str(convert.resolve_pretrained(name)))
+  if not tok.is_fast:
+    raise ValueError(f"{name}: no fast tokenizer (tokenizer.json); install `tokenizers`")
+  return tok
+
+
+def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int, rng: jax.Array):
+  """Returns (module, params, BERT config): pretrained from `init_from`, else random."""
+  if mc.init_from:
+    cfg, encoder, heads, _ = convert.load_hf_folder(mc.init_from)
+  else:
+    cfg = BertConfig(
+      vocab_size=mc.vocab_size or vocab_size,
+      hidden_size=mc.hidden_size,
+      num_hidden_layers=mc.num_hidden_layers,
+      num_attention_heads=mc.num_attention_heads,
+      intermediate_size=mc.intermediate_size,
+      max_position_embeddings=mc.max_position_embeddings,
+    )
+  overrides = {k: mc[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if mc[k] >= 0}
+  cfg = BertConfig(**(cfg.to_dict() | overrides))
+  if cfg.vocab_size < vocab_size:
+    raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
+  model = BertClassifier(cfg, num_labels, dtype=jnp.dtype(mc.dtype))
+  ids = jnp.zeros((1, 8), jnp.int32)
+  params = jax.jit(lambda r: model.init(r, ids, ids, ids, train=False))(rng)["params"]
+  if mc.init_from:
+    params = convert.merge_pretrained(params, encoder, heads, num_labels)
+  return model, params, cfg
+
+
+def evaluate(eval_fn, params, enc: pipeline.Encoded, task: tasks.Task, config, mesh) -> tuple[dict, np.ndarray]:
+  """Metrics over every example exactly once, and the logits in dataset order."""
+  logits_all = np.zeros((len(enc), task.num_labels), np.float32)
+  loss_sum = count = 0.0
+  for batch in pipeline.eval_batches(
+    enc,
+    batch_size=config.eval_batch_size,
+    buckets=pipeline.bucket_lengths(config.data.buckets, config.data.max_length),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  ):
+    index = batch.pop("index")
+    out = eval_fn(params, parallel.to_global(batch, mesh))
+    index = parallel.gather(parallel.to_global({"index": index}, mesh)["index"])
+    logits = parallel.gather(out["logits"])
+    keep = index >= 0
+    logits_all[index[keep]] = logits[keep]
+    loss_sum += float(out["loss_sum"])
+    count += float(out["count"])
+  m = metrics.compute(task.metrics, logits_all, enc.labels, task.is_regression)
+  return {"loss": loss_sum / max(count, 1.0), **m, "examples": float(len(enc))}, logits_all
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+class _Preemption:
+  """SIGTERM (TPU VM maintenance, Slurm) -> save at the next step boundary, then exit."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some notebook runners)
+      self._old = None
+
+  def _handle(self, *_):
+    log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
+    self.requested = True
+
+  def restore(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+# ---------------------------------------------------------------------------------------
+# The run.
+# ---------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  task = tasks.get_task(config.task)
+  loss_name = config.loss or task.default_loss
+  loss_fn = losses.get_loss(loss_name)
+  best_metric = config.best_metric or task.metrics[0]
+
+  # --- Mesh ------------------------------------------------------------------------------
+  mesh = parallel.make_mesh(config.num_devices)
+  parallel.check_batch_size(config.batch_size, mesh, config.optimizer.grad_accum)
+  parallel.check_batch_size(config.eval_batch_size, mesh)
+  log.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
+
+  # --- Data ------------------------------------------------------------------------------
+  tokenizer = load_tokenizer(config.model)
+  d = config.data
+  read = functools.partial(
+    sources.load_split, task, source=d.source, glue_dir=d.glue_dir, tfds_data_dir=d.tfds_data_dir
+  )
+  train_ex, dev_ex = read("train"), read(config.eval_split)
+  if d.max_train_examples:
+    train_ex = train_ex.take(d.max_train_examples)
+  if d.max_eval_examples:
+    dev_ex = dev_ex.take(d.max_eval_examples)
+  train_enc = pipeline.encode(train_ex, tokenizer, d.max_length)
+  dev_enc = pipeline.encode(dev_ex, tokenizer, d.max_length)
+  buckets = pipeline.bucket_lengths(d.buckets, d.max_length)
+  train_iter = pipeline.TrainIterator(
+    train_enc,
+    batch_size=config.batch_size,
+    buckets=buckets,
+    seed=config.seed,
+    sort_window=d.sort_window,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  steps_per_epoch = train_iter.steps_per_epoch
+  total_steps = config.num_train_steps or int(np.ceil(config.num_epochs * steps_per_epoch))
+  pad = pipeline.padding_stats(train_enc, train_iter.plan(0), config.batch_size, buckets)
+  log.info(
+    "%s: %d train (%s) / %d %s examples; %d steps/epoch, %d steps; buckets %s, padding %.1f%% (%.1f%% unbucketed)",
+    task.name,
+    len(train_ex),
+    train_ex.origin,
+    len(dev_ex),
+    config.eval_split,
+    steps_per_epoch,
+    total_steps,
+    buckets,
+    100 * pad["pad_fraction"],
+    100 * pad["pad_fraction_unbucketed"],
+  )
+
+  # --- Model + params ----------------------------------------------------------------------
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, dropout_rng = jax.random.split(rng)
+  model, params, bert_cfg = build_model(config.model, task.num_labels, len(tokenizer), init_rng)
+
+  # --- Optimizer ---------------------------------------------------------------------------
+  tx, schedule = optim.make_optimizer(config.optimizer, params, total_steps)
+  n_params = count_params(params)
+  log.info("model %s: %.2fM parameters (%.2fM trainable)", config.model.name, n_params / 1e6, n_params / 1e6)
+
+  # --- State, sharded; then restore by precedence -------------------------------------------
+  state = parallel.replicate(steps.create_state(params, tx, dropout_rng), mesh)
+  del params
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", best_metric=best_metric)
+  config_dict = json.loads(config.to_json_best_effort())
+  if ckpt.latest_step() is not None:
+    state, data_state = ckpt.restore(ckpt.latest_step(), checkpoint.abstract(state))
+    train_iter.set_state(data_state)
+    log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
+  elif config.resume:
+    other = checkpoint.Checkpointer(config.resume, best_metric=best_metric, read_only=True)
+    if other.latest_step() is None:
+      raise FileNotFoundError(f"config.resume={config.resume!r} holds no checkpoint")
+    state, data_state = other.restore(other.latest_step(), checkpoint.abstract(state))
+    train_iter.set_state(data_state)
+    log.info("started from %s step %d", config.resume, int(state.step))
+
+  # --- Compiled steps ------------------------------------------------------------------------
+  loss_kwargs = config.loss_kwargs.to_dict()
+  train_fn = parallel.compile_train_step(
+    functools.partial(
+      steps.train_step,
+      model=model,
+      loss_fn=loss_fn,
+      tx=tx,
+      schedule=schedule,
+      grad_accum=config.optimizer.grad_accum,
+      loss_kwargs=loss_kwargs,
+    ),
+    mesh,
+    donate=config.donate,
+  )
+  eval_fn = parallel.compile_eval_step(
+    functools.partial(steps.eval_step, model=model, loss_fn=loss_fn, loss_kwargs=loss_kwargs), mesh
+  )
+
+  # --- Loop ----------------------------------------------------------------------------------
+  step = int(state.step)
+  writer = writers.MetricWriter(workdir, resume_step=step)
+  progress = writers.Progress(total_steps, config.batch_size, step, enabled=config.progress)
+  batches = parallel.prefetch(train_iter, lambda b: parallel.to_global(b, mesh), size=d.prefetch)
+  preempt = _Preemption()
+  sums = {}
+  data_state = train_iter.get_state()
+  dev_metrics, t_start = {}, time.time()
+
+  def host_metrics(m: dict) -> dict:
+    """Fetch one step's metrics; stop loudly on a non-finite loss before anything is saved."""
+    m = jax.device_get(m)
+    if m["nonfinite"]:
+      raise FloatingPointError(
+        f"non-finite loss or gradient at step {int(m['step'])} (loss_sum={m['loss_sum']}, "
+        f"grad_norm={m['grad_norm']}); the state was not updated and the last good checkpoint "
+        f"in {workdir / 'checkpoints'} is kept. Lower the learning rate or check the data."
+      )
+    return m
+
+  def save(at: int, eval_metrics: dict | None = None):
+    ckpt.save(at, state, data_state, config_dict, metrics=eval_metrics)
+
+  pending = None  # the previous step's metrics, fetched one step late to keep the device busy
+  try:
+    while step < total_steps:
+      batch, next_data_state = next(batches)
+      state, m = train_fn(state, batch)
+      m["step"] = step + 1
+      if pending is not None:
+        _accumulate(sums, host_metrics(pending))
+      pending, step, data_state = m, step + 1, next_data_state
+
+      is_last = step == total_steps
+      do_eval = is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
+      do_log = do_eval or step % config.log_every_steps == 0 or preempt.requested
+      do_save = do_eval or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+      if do_log or do_save:
+        _accumulate(sums, host_metrics(pending))
+        pending = None
+      if do_log and sums:
+        train_m = _summarize(sums) | progress.update(step) | {"epoch": step / steps_per_epoch}
+        writer.write(step, "train", train_m)
+        sums = {}
+        log.info("step %d: %s", step, _fmt(train_m))
+      if do_eval:
+        dev_metrics, _ = evaluate(eval_fn, state.params, dev_enc, task, config, mesh)
+        writer.write(step, config.eval_split, dev_metrics)
+        log.info("step %d %s: %s", step, config.eval_split, _fmt(dev_metrics))
+        save(step, dev_metrics)
+      elif do_save or preempt.requested:
+        save(step)
+      if preempt.requested:
+        ckpt.wait()
+        log.warning("preempted: saved step %d; rerun the same command to resume", step)
+        return {"step": step, "preempted": True}
+    if pending is not None:
+      host_metrics(pending)
+  finally:
+    ckpt.close()
+    writer.close()
+    preempt.restore()
+
+  best = ckpt.best_step()
+  result = {"step": step, "final": dev_metrics, "best_step": best, "train_seconds": time.time() - t_start}
+  if best is not None:
+    best_metrics = _metrics_at(workdir, best, config.eval_split)
+    result["best"] = best_metrics
+    log.info(
+      "best %s %s=%.4f at step %d", config.eval_split, best_metric, best_metrics.get(best_metric, float("nan")), best
+    )
+  return result
+
+
+def _accumulate(sums: dict, m: dict) -> None:
+  for k in ("loss_sum", "count", "correct"):
+    sums[k] = sums.get(k, 0.0) + float(m[k])
+  for k in ("grad_norm", "param_norm", "update_norm", "lr"):
+    sums[k] = float(m[k])  # latest value
+  sums["steps"] = sums.get("steps", 0) + 1
+
+
+def _summarize(s: dict) -> dict:
+  out = {"loss": s["loss_sum"] / max(s["count"], 1.0)}
+  if s["correct"]:
+    out["accuracy"] = s["correct"] / max(s["count"], 1.0)
+  return out | {k: s[k] for k in ("grad_norm", "param_norm", "update_norm", "lr")}
+
+
+def _fmt(m: dict) -> str:
+  return " ".join(f"{k}={v:.4g}" for k, v in m.items())
+
+
+def _metrics_at(workdir: Path, step: int, split: str) -> dict:
+  """The eval metrics logged at `step`, read back from metrics.jsonl."""
+  path = workdir / "metrics.jsonl"
+  found = {}
+  if path.exists():
+    for line in path.read_text().splitlines():
+      r = json.loads(line)
+      if r["step"] == step and r["split"] == split:
+        found = r
+  return found

@@ -1,0 +1,82 @@
+"""8 fake CPU devices and strict numpy rank promotion, set before JAX initializes."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from research.data.sources import default_glue_dir  # noqa: E402
+
+GLUE_DIR = Path(default_glue_dir())
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+  if not (GLUE_DIR / "sst2" / "train.tsv").exists() and not (GLUE_DIR / "SST-2" / "train.tsv").exists():
+    pytest.fail(f"GLUE data not found at {GLUE_DIR}; set $GLUE_DIR (tests read ../shared/data/glue by default)")
+  return GLUE_DIR
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+  from research.models.convert import resolve_pretrained
+
+  return resolve_pretrained("minilm")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_dir):
+  import transformers
+
+  return transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
+
+
+@pytest.fixture
+def small_glue(tmp_path, glue_dir) -> Path:
+  """A GLUE folder with the first rows of the real SST-2 train/dev files (written to tmp)."""
+  src = glue_dir / "sst2"
+  dst = tmp_path / "glue" / "sst2"
+  dst.mkdir(parents=True)
+  for split, n in (("train", 97), ("dev", 41)):
+    lines = (src / f"{split}.tsv").read_text().splitlines()[: n + 1]
+    (dst / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+  return tmp_path / "glue"
+
+
+def tiny_config(glue: Path, **overrides):
+  """A seconds-long SST-2 run on the tiny random-init model."""
+  from configs import glue as glue_cfg
+
+  c = glue_cfg.get_config("task=sst2,model=tiny")
+  c.unlock()
+  c.data.glue_dir = str(glue)
+  c.data.buckets = (16, 32)
+  c.data.max_length = 32
+  c.batch_size = 16
+  c.eval_batch_size = 16
+  c.num_train_steps = 8
+  c.eval_every_steps = 4
+  c.checkpoint_every_steps = 2
+  c.log_every_steps = 2
+  c.progress = False
+  c.data.prefetch = 2
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  c.lock()
+  return c

@@ -1,0 +1,176 @@
+"""Our Flax BERT against transformers' PyTorch BertModel, and the strict weight converter."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from research.models import convert
+from research.models.bert import BertClassifier, BertConfig, BertEncoder, mean_pool
+
+GOLDEN = "tests/fixtures/minilm_golden.npz"  # made by tests/fixtures/make_bert_golden.py
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+  cfg, encoder, heads, ignored = convert.load_hf_folder(str(minilm_dir))
+  return cfg, encoder
+
+
+def _encode(cfg, encoder, ids, mask, types):
+  return BertEncoder(cfg).apply({"params": encoder}, ids, mask, types, train=False)
+
+
+def test_parity_with_pytorch_golden(minilm):
+  cfg, encoder = minilm
+  from conftest import REPO
+
+  g = np.load(REPO / GOLDEN)
+  assert g["attention_mask"].min() == 0, "the fixture must contain padding"
+  hidden, pooled = _encode(cfg, encoder, g["input_ids"], g["attention_mask"], g["token_type_ids"])
+  real = g["attention_mask"].astype(bool)
+  # Padded positions are don't-cares (no real token attends to them), so compare real tokens.
+  assert np.abs(np.asarray(hidden) - g["last_hidden_state"])[real].max() <= 1e-5
+  assert np.abs(np.asarray(pooled) - g["pooler_output"]).max() <= 1e-5
+
+
+def test_padding_does_not_change_real_tokens(minilm, tokenizer):
+  cfg, encoder = minilm
+  alone = tokenizer(["A man is playing a guitar."], return_tensors="np")
+  padded = tokenizer(["A man is playing a guitar.", "a much longer sentence " * 5], padding=True, return_tensors="np")
+  n = alone["input_ids"].shape[1]
+  h1, _ = _encode(cfg, encoder, alone["input_ids"], alone["attention_mask"], alone["token_type_ids"])
+  h2, _ = _encode(cfg, encoder, padded["input_ids"], padded["attention_mask"], padded["token_type_ids"])
+  np.testing.assert_allclose(np.asarray(h1[0]), np.asarray(h2[0, :n]), atol=1e-5)
+
+
+def test_paraphrases_closer_than_unrelated(minilm, tokenizer):
+  """Mean-pooled MiniLM embeddings (what the checkpoint was trained for) rank meaning."""
+  cfg, encoder = minilm
+  pairs = [
+    ("A man is playing a guitar.", "Someone is playing an instrument.", "The stock market fell sharply today."),
+    ("The cat sleeps on the sofa.", "A kitten is napping on the couch.", "Interest rates were raised again."),
+    ("How do I bake bread?", "What is a recipe for making bread?", "The train leaves at noon."),
+  ]
+  texts = [t for p in pairs for t in p]
+  enc = tokenizer(texts, padding=True, return_tensors="np")
+  hidden, _ = _encode(cfg, encoder, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+  emb = mean_pool(hidden, jnp.asarray(enc["attention_mask"]))
+  emb = np.asarray(emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)).reshape(len(pairs), 3, -1)
+  para = (emb[:, 0] * emb[:, 1]).sum(-1)
+  unrelated = (emb[:, 0] * emb[:, 2]).sum(-1)
+  assert (para > unrelated + 0.2).all(), (para, unrelated)
+
+
+def _copy_model(minilm_dir, tmp_path):
+  dst = tmp_path / "model"
+  dst.mkdir()
+  for f in ("config.json", "model.safetensors"):
+    shutil.copy(minilm_dir / f, dst / f)
+  return dst
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(minilm_dir, tmp_path):
+  folder = _copy_model(minilm_dir, tmp_path)
+  t = load_file(str(folder / "model.safetensors"))
+  del t["encoder.layer.3.attention.self.key.weight"]
+  t["encoder.layer.0.output.dense.bias"] = np.zeros((7,), np.float32)
+  t["encoder.extra.weight"] = np.zeros((2,), np.float32)
+  save_file(t, str(folder / "model.safetensors"))
+  with pytest.raises(convert.WeightsError) as e:
+    convert.load_hf_folder(str(folder))
+  msg = str(e.value)
+  assert "missing: encoder.layer.3.attention.self.key.weight" in msg
+  assert "unexpected: encoder.extra.weight" in msg
+  assert "encoder.layer.0.output.dense.bias: (7,) != expected (384,)" in msg
+
+
+def test_wrong_architecture_folder(minilm_dir, tmp_path):
+  folder = _copy_model(minilm_dir, tmp_path)
+  cfg = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps(cfg | {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+  with pytest.raises(convert.WeightsError, match=r"config.json: model_type is 'gpt2'"):
+    convert.load_hf_folder(str(folder))
+
+
+def test_layer_count_mismatch_is_reported(minilm_dir, tmp_path):
+  folder = _copy_model(minilm_dir, tmp_path)
+  cfg = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 4}))
+  with pytest.raises(convert.WeightsError, match=r"unexpected: .*encoder\.layer\.4\."):
+    convert.load_hf_folder(str(folder))
+
+
+def test_no_weights_file_and_no_pickles(tmp_path, minilm_dir):
+  folder = tmp_path / "m"
+  folder.mkdir()
+  shutil.copy(minilm_dir / "config.json", folder / "config.json")
+  (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+  with pytest.raises(convert.WeightsError, match="pickled pytorch_model.bin is not loaded"):
+    convert.load_hf_folder(str(folder))
+
+
+def test_export_round_trip(minilm_dir, tmp_path):
+  """Exported names, shapes and values load back (and are HF's own names)."""
+  cfg, encoder, heads, _ = convert.load_hf_folder(str(minilm_dir))
+  model = BertClassifier(cfg, num_labels=3)
+  ids = jnp.zeros((1, 4), jnp.int32)
+  params = model.init(jax.random.PRNGKey(1), ids, ids, ids)["params"]
+  params = convert.merge_pretrained(params, encoder, heads, 3)
+  out = convert.save_hf_folder(tmp_path / "export", params, cfg, num_labels=3, id2label={0: "a", 1: "b", 2: "c"})
+  tensors = load_file(str(out / "model.safetensors"))
+  original = load_file(str(minilm_dir / "model.safetensors"))
+  for k, v in original.items():
+    if k != "embeddings.position_ids":
+      np.testing.assert_array_equal(tensors["bert." + k], v)
+  cfg2, enc2, heads2, _ = convert.load_hf_folder(str(out))
+  assert cfg2 == cfg
+  params2 = convert.merge_pretrained(model.init(jax.random.PRNGKey(2), ids, ids, ids)["params"], enc2, heads2, 3)
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_flax_msgpack_folder_loads(minilm_dir, tmp_path):
+  """HF Flax checkpoints (kernel/scale/embedding leaves, (in, out) kernels) map the same."""
+  import flax
+
+  cfg, encoder, _, _ = convert.load_hf_folder(str(minilm_dir))
+  t = load_file(str(minilm_dir / "model.safetensors"))
+  tree = {}
+  for k, v in t.items():
+    if k == "embeddings.position_ids":
+      continue
+    *mods, leaf = k.split(".")
+    if "LayerNorm" in mods[-1]:
+      leaf = {"weight": "scale"}.get(leaf, leaf)
+    elif "embeddings" in mods[-1]:
+      leaf = "embedding"
+    elif leaf == "weight":
+      leaf, v = "kernel", v.T
+    tree[tuple(mods) + (leaf,)] = v
+  folder = tmp_path / "flax"
+  folder.mkdir()
+  shutil.copy(minilm_dir / "config.json", folder / "config.json")
+  (folder / "flax_model.msgpack").write_bytes(
+    flax.serialization.msgpack_serialize(flax.traverse_util.unflatten_dict(tree))
+  )
+  _, enc2, _, _ = convert.load_hf_folder(str(folder))
+  jax.tree.map(np.testing.assert_array_equal, enc2, encoder)
+
+
+def test_dropout_is_driven_by_the_rng():
+  cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+  model = BertClassifier(cfg, num_labels=2)
+  ids = jnp.ones((2, 5), jnp.int32)
+  mask = jnp.ones((2, 5), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), ids, mask, mask * 0)["params"]
+
+  def run(seed, train=True):
+    return model.apply({"params": params}, ids, mask, mask * 0, train=train, rngs={"dropout": jax.random.PRNGKey(seed)})
+
+  np.testing.assert_array_equal(run(1), run(1))
+  assert not np.allclose(run(1), run(2))
+  np.testing.assert_array_equal(run(1, train=False), run(2, train=False))

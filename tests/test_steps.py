@@ -1,0 +1,172 @@
+"""The pure steps: sharded == single device, micro-batching == one batch, NaN refused."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import glue as glue_cfg
+from research import losses, optim, parallel, steps
+from research.models.bert import BertClassifier, BertConfig
+
+CFG = BertConfig(
+  vocab_size=100,
+  hidden_size=32,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  intermediate_size=64,
+  max_position_embeddings=32,
+)
+
+
+def _batch(b=16, length=12, seed=0, num_labels=2):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(3, length + 1, size=b)
+  mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+  weights = np.ones(b, np.float32)
+  weights[-3:] = 0  # padded rows
+  return {
+    "input_ids": rng.integers(1, CFG.vocab_size, size=(b, length)).astype(np.int32) * mask,
+    "attention_mask": mask,
+    "token_type_ids": np.zeros((b, length), np.int32),
+    "labels": rng.integers(0, num_labels, size=b).astype(np.int32),
+    "weights": weights,
+  }
+
+
+def _setup(opt_overrides=None, total_steps=10):
+  model = BertClassifier(CFG, num_labels=2)
+  ids = jnp.zeros((1, 4), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), ids, ids, ids)["params"]
+  oc = glue_cfg.get_config().optimizer
+  oc.unlock()
+  oc.update(opt_overrides or {})
+  tx, schedule = optim.make_optimizer(oc, params, total_steps)
+  state = steps.create_state(params, tx, jax.random.PRNGKey(1))
+  return model, tx, schedule, state
+
+
+def _run(mesh, batches, grad_accum=1, opt=None):
+  model, tx, schedule, state = _setup(opt)
+  fn = parallel.compile_train_step(
+    functools.partial(
+      steps.train_step, model=model, loss_fn=losses.softmax_xent, tx=tx, schedule=schedule, grad_accum=grad_accum
+    ),
+    mesh,
+  )
+  state = parallel.replicate(state, mesh)
+  history = []
+  for b in batches:
+    state, m = fn(state, parallel.to_global(b, mesh))
+    history.append(jax.device_get(m))
+  return jax.device_get(state), history
+
+
+def test_sharded_step_equals_single_device():
+  assert jax.device_count() == 8
+  batches = [_batch(seed=s) for s in range(3)]
+  one, h1 = _run(parallel.make_mesh(1), batches)
+  eight, h8 = _run(parallel.make_mesh(8), batches)
+  # Only the order of the cross-device sum differs: fp32 rounding, nothing more.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one.params, eight.params)
+  for a, b in zip(h1, h8):
+    np.testing.assert_allclose(a["loss_sum"], b["loss_sum"], rtol=1e-6)
+    assert a["count"] == b["count"] == 13.0  # 3 padded rows carry no weight
+  assert int(eight.step) == 3
+
+
+def test_grad_accumulation_equals_one_big_batch():
+  """Micro-batches average exactly like the whole batch (dropout off: the rngs differ)."""
+  global CFG
+  saved, CFG = CFG, BertConfig(**(CFG.to_dict() | {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
+  try:
+    batches = [_batch(seed=s) for s in range(2)]
+    mesh = parallel.make_mesh(8)
+    full, hf = _run(mesh, batches)
+    acc, ha = _run(mesh, batches, grad_accum=2)
+  finally:
+    CFG = saved
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), full.params, acc.params)
+  np.testing.assert_allclose(hf[0]["grad_norm"], ha[0]["grad_norm"], rtol=1e-5)
+
+
+def test_nonfinite_loss_leaves_state_unchanged():
+  model, tx, schedule, state = _setup()
+  mesh = parallel.make_mesh(8)
+  fn = parallel.compile_train_step(
+    functools.partial(steps.train_step, model=model, loss_fn=losses.softmax_xent, tx=tx, schedule=schedule),
+    mesh,
+    donate=False,
+  )
+  state = parallel.replicate(state, mesh)
+  bad = _batch()
+  bad["weights"][0] = np.nan
+  new, m = fn(state, parallel.to_global(bad, mesh))
+  assert float(m["nonfinite"]) == 1.0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.params), jax.device_get(state.params))
+  assert int(new.step) == 1
+
+
+def test_metrics_are_sums_and_norms():
+  _, h = _run(parallel.make_mesh(8), [_batch()])
+  m = h[0]
+  assert set(m) >= {"loss_sum", "count", "correct", "grad_norm", "param_norm", "update_norm", "lr", "nonfinite"}
+  assert 0 <= m["correct"] <= m["count"] and m["loss_sum"] > m["count"] * 0.3
+  assert float(m["lr"]) == 0.0  # step 0 of the warmup
+
+
+def test_eval_step_drops_nothing_real():
+  model, _, _, state = _setup()
+  mesh = parallel.make_mesh(8)
+  fn = parallel.compile_eval_step(functools.partial(steps.eval_step, model=model, loss_fn=losses.softmax_xent), mesh)
+  b = _batch()
+  out = fn(parallel.replicate(state.params, mesh), parallel.to_global(b, mesh))
+  assert float(out["count"]) == 13.0 and out["logits"].shape == (16, 2)
+
+
+# --- optimizer -----------------------------------------------------------------------------
+
+
+def test_weight_decay_mask_skips_biases_and_norms():
+  _, _, _, state = _setup()
+  mask = optim.decay_mask(state.params)
+  assert mask["bert"]["layer_0"]["attn"]["query"]["kernel"]
+  assert mask["bert"]["token_embed"]["embedding"]
+  assert not mask["bert"]["layer_0"]["attn"]["query"]["bias"]
+  assert not mask["bert"]["layer_0"]["mlp_norm"]["scale"]
+  assert not mask["bert"]["embed_norm"]["bias"]
+
+
+def test_linear_warmup_then_decay():
+  oc = ml_collections.ConfigDict(dict(glue_cfg.get_config().optimizer) | {"warmup_ratio": 0.1, "lr": 1.0})
+  s = optim.make_schedule(oc, total_steps=100)
+  assert [float(s(i)) for i in (0, 5, 10, 55, 100)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+
+
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
+def test_every_optimizer_lowers_a_simple_loss(name):
+  oc = ml_collections.ConfigDict(
+    dict(glue_cfg.get_config().optimizer)
+    | {"name": name, "lr": 0.05, "warmup_ratio": 0.0, "schedule": "constant", "weight_decay": 0.0}
+  )
+  params = {"w": {"kernel": jnp.array([[2.0, -1.0], [0.5, 3.0]])}, "b": {"bias": jnp.array([1.0, -2.0])}}
+  loss = lambda p: jnp.sum(p["w"]["kernel"] ** 2) + jnp.sum(p["b"]["bias"] ** 2)  # noqa: E731
+  tx, _ = optim.make_optimizer(oc, params, 50)
+  opt_state = tx.init(params)
+  start = loss(params)
+  for _ in range(20):
+    updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+    params = optax.apply_updates(params, updates)
+  assert loss(params) < start
+
+
+def test_unknown_optimizer_and_loss_are_named():
+  oc = ml_collections.ConfigDict(dict(glue_cfg.get_config().optimizer) | {"name": "adamww"})
+  with pytest.raises(KeyError, match="adamww"):
+    optim.make_optimizer(oc, {"w": jnp.zeros(2)}, 10)
+  with pytest.raises(KeyError, match="config.loss='xent'"):
+    losses.get_loss("xent")

@@ -1,0 +1,170 @@
+"""End to end through `train_and_evaluate`: outputs, exact resume after SIGKILL, loud failures."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import REPO, tiny_config
+
+from configs import glue as glue_cfg
+from research import train
+from research.models.convert import WeightsError
+
+
+def _final_params(workdir, step=None):
+  mngr = ocp.CheckpointManager(
+    workdir / "checkpoints", item_names=("state",), options=ocp.CheckpointManagerOptions(read_only=True)
+  )
+  step = step or mngr.latest_step()
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  return step, jax.tree.map(np.asarray, state["params"])
+
+
+def test_tiny_end_to_end(small_glue, tmp_path):
+  wd = tmp_path / "run"
+  result = train.train_and_evaluate(tiny_config(small_glue), wd)
+  assert result["step"] == 8 and result["final"]["examples"] == 41.0
+  assert 0.0 <= result["final"]["accuracy"] <= 1.0
+  records = [json.loads(r) for r in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8]
+  assert [r["step"] for r in records if r["split"] == "dev"] == [4, 8]
+  assert {"loss", "accuracy", "grad_norm", "param_norm", "update_norm", "lr", "examples_per_sec"} <= set(records[-2])
+  assert json.loads((wd / "config.json").read_text())["task"] == "sst2"
+  assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
+  # The latest step and the best-by-accuracy step are both kept, nothing else.
+  kept = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+  dev = {r["step"]: r["accuracy"] for r in records if r["split"] == "dev"}
+  best = max(dev, key=lambda s: (dev[s], s))  # ties go to the later step, as in orbax
+  assert kept == sorted({8, best}) and result["best_step"] == best
+
+
+def test_rerun_of_a_finished_run_is_a_no_op(small_glue, tmp_path):
+  c = tiny_config(small_glue, num_train_steps=4)
+  train.train_and_evaluate(c, tmp_path)
+  _, before = _final_params(tmp_path)
+  result = train.train_and_evaluate(c, tmp_path)
+  assert result["step"] == 4
+  _, after = _final_params(tmp_path)
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+_CHILD = textwrap.dedent("""
+    import logging, os, signal, sys
+    logging.basicConfig(level=logging.INFO)
+    sys.path.insert(0, {tests!r}); sys.path.insert(0, {repo!r})
+    import jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    from pathlib import Path
+    from conftest import tiny_config
+    from research import train, writers
+
+    kill_at = int(sys.argv[2])
+    original = writers.MetricWriter.write
+    def write(self, step, split, metrics):
+      original(self, step, split, metrics)
+      if split == "train" and step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final save: a real crash
+    writers.MetricWriter.write = write
+    config = tiny_config(Path(sys.argv[3]), num_train_steps=12, eval_every_steps=6, checkpoint_every_steps=3,
+                         log_every_steps=1)
+    train.train_and_evaluate(config, sys.argv[1])
+""")
+
+
+def _child(workdir, glue, kill_at=0):
+  script = _CHILD.format(tests=str(REPO / "tests"), repo=str(REPO))
+  env = os.environ | {"HF_HUB_OFFLINE": "1"}
+  return subprocess.run(
+    [sys.executable, "-c", script, str(workdir), str(kill_at), str(glue)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+def test_sigkill_then_rerun_gives_identical_parameters(small_glue, tmp_path):
+  straight = _child(tmp_path / "straight", small_glue)
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  killed = _child(tmp_path / "killed", small_glue, kill_at=8)
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  assert _final_params(tmp_path / "killed")[0] < 12  # it really died mid-run
+  resumed = _child(tmp_path / "killed", small_glue)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stderr
+  s1, p1 = _final_params(tmp_path / "straight")
+  s2, p2 = _final_params(tmp_path / "killed")
+  assert s1 == s2 == 12
+  jax.tree.map(np.testing.assert_array_equal, p1, p2)
+  # metrics.jsonl holds each step once, as if the run had never died.
+  steps = [
+    json.loads(r)["step"]
+    for r in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    if json.loads(r)["split"] == "train"
+  ]
+  assert steps == list(range(1, 13))
+
+
+def test_nan_stops_loudly_and_keeps_the_last_good_checkpoint(small_glue, tmp_path):
+  # lr=1e30 overflows the parameters within a few steps.
+  c = tiny_config(
+    small_glue,
+    **{
+      "optimizer.lr": 1e30,
+      "optimizer.warmup_ratio": 0.0,
+      "optimizer.clip_norm": 0.0,
+      "checkpoint_every_steps": 1,
+      "num_train_steps": 50,
+      "eval_every_steps": 0,
+    },
+  )
+  with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step (\d+)") as e:
+    train.train_and_evaluate(c, tmp_path)
+  bad_step = int(e.value.args[0].split("at step ")[1].split()[0])
+  step, params = _final_params(tmp_path)
+  assert step < bad_step
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_config_typo_names_the_nearest_key():
+  c = glue_cfg.get_config("task=sst2")
+  with pytest.raises(AttributeError, match=r'Did you mean "lr" instead of "lrr"'):
+    c.optimizer.lrr = 1e-3
+  with pytest.raises(ValueError, match=r"unknown config argument 'taks'.*did you mean 'task'"):
+    glue_cfg.get_config("taks=sst2")
+
+
+def test_command_line_override_and_typo(tmp_path):
+  """The real entry point: a typo'd --config field fails before any work, naming the key."""
+  cmd = [
+    sys.executable,
+    "-m",
+    "research.main",
+    "--config",
+    "configs/glue.py:task=sst2,model=tiny",
+    "--config.optimizer.lrr=3e-5",
+    f"--workdir={tmp_path}",
+  ]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert 'Did you mean "lr" instead of "lrr"' in out.stderr
+
+
+def test_wrong_architecture_weights_folder(small_glue, tmp_path, minilm_dir):
+  folder = tmp_path / "gpt"
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+  c = tiny_config(small_glue, **{"model.init_from": str(folder), "model.tokenizer": str(minilm_dir)})
+  with pytest.raises(WeightsError, match=r"gpt/config.json: model_type is 'gpt2'"):
+    train.train_and_evaluate(c, tmp_path / "run")
+
+
+def test_batch_size_must_split_over_devices(small_glue, tmp_path):
+  with pytest.raises(ValueError, match=r"batch_size=12 must be divisible by devices \(8\)"):
+    train.train_and_evaluate(tiny_config(small_glue, batch_size=12), tmp_path)
