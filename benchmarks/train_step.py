@@ -1,0 +1,218 @@
+"""Train-step throughput: our jitted step beside transformers' PyTorch BERT, in one run.
+
+    .venv/bin/python benchmarks/train_step.py --shapes minilm bert-base
+
+Both sides train BertForSequenceClassification-shaped models (2 labels) with AdamW, fp32,
+dropout on, on the same batch/sequence shape; each runs in its own subprocess so peak RSS
+is its own. The PyTorch reference runs from a side venv (Python 3.11 + torch 2.13 CPU),
+created on first use under ~/.cache/research/torchref unless --torch-python is given.
+
+FLOPs per train step (the formula PERF_NOTES uses; XLA's cost analysis agrees within 3%):
+    6 * N * T + 12 * L * s^2 * h * B,   N = L * (4h^2 + 2hI) non-embedding matrix params,
+T = B * s tokens. The machine's fp32 matmul peak is measured in the same run (numpy/OpenBLAS,
+the best of the three BLAS paths here), and % of peak = achieved GFLOP/s / peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {  # layers, hidden, heads, intermediate
+    "minilm": (6, 384, 12, 1536),
+    "bert-base": (12, 768, 12, 3072),
+}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def flops_per_step(shape: str, batch: int, seq: int) -> float:
+  L, h, _, inter = SHAPES[shape]
+  n = L * (4 * h * h + 2 * h * inter)
+  return 6 * n * batch * seq + 12 * L * seq * seq * h * batch
+
+
+def _peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
+
+
+def _time(step, warmup: int, steps: int) -> list[float]:
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+  return times
+
+
+# --- workers (each runs in its own process) ------------------------------------------------
+
+
+def worker_jax(shape: str, batch: int, seq: int, warmup: int, steps: int, dtype: str) -> dict:
+  sys.path.insert(0, str(REPO))
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from configs import glue
+  from research import losses, optim, parallel, steps as steps_lib
+  from research.models.bert import BertClassifier, BertConfig
+
+  L, h, heads, inter = SHAPES[shape]
+  cfg = BertConfig(num_hidden_layers=L, hidden_size=h, num_attention_heads=heads, intermediate_size=inter)
+  model = BertClassifier(cfg, num_labels=2, dtype=jnp.dtype(dtype))
+  rng = np.random.default_rng(0)
+  data = {
+      "input_ids": rng.integers(1000, 30000, size=(batch, seq)).astype(np.int32),
+      "attention_mask": np.ones((batch, seq), np.int32),
+      "token_type_ids": np.zeros((batch, seq), np.int32),
+      "labels": rng.integers(0, 2, size=batch).astype(np.int32),
+      "weights": np.ones(batch, np.float32),
+  }
+  params = model.init(jax.random.PRNGKey(0), data["input_ids"][:1], data["attention_mask"][:1], data["token_type_ids"][:1])["params"]
+  oc = glue.get_config().optimizer
+  tx, schedule = optim.make_optimizer(oc, params, 1000)
+  mesh = parallel.make_mesh(1)
+  state = parallel.replicate(steps_lib.create_state(params, tx, jax.random.PRNGKey(1)), mesh)
+  fn = parallel.compile_train_step(
+      functools.partial(steps_lib.train_step, model=model, loss_fn=losses.softmax_xent, tx=tx, schedule=schedule), mesh
+  )
+  b = parallel.to_global(data, mesh)
+  t0 = time.perf_counter()
+  compiled = fn.lower(state, b).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  holder = {"state": state}
+
+  def step():
+    holder["state"], m = compiled(holder["state"], b)
+    jax.block_until_ready(m["loss_sum"])
+
+  times = _time(step, warmup, steps)
+  return {"framework": f"ours (jax {jax.__version__}, {dtype})", "times": times, "compile_s": compile_s,
+          "xla_flops": float(cost.get("flops", 0.0)) if cost else 0.0, "rss_gb": _peak_rss_gb()}
+
+
+def worker_torch(shape: str, batch: int, seq: int, warmup: int, steps: int) -> dict:
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count() or 1)
+  L, h, heads, inter = SHAPES[shape]
+  cfg = transformers.BertConfig(num_hidden_layers=L, hidden_size=h, num_attention_heads=heads, intermediate_size=inter,
+                                num_labels=2)
+  model = transformers.BertForSequenceClassification(cfg).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+  ids = torch.randint(1000, 30000, (batch, seq))
+  mask = torch.ones(batch, seq, dtype=torch.long)
+  labels = torch.randint(0, 2, (batch,))
+
+  def step():
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  times = _time(step, warmup, steps)
+  return {"framework": f"transformers {transformers.__version__} PyTorch eager (torch {torch.__version__})",
+          "times": times, "rss_gb": _peak_rss_gb()}
+
+
+def matmul_peak(n: int = 4096, reps: int = 5) -> float:
+  import numpy as np
+
+  a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+  a @ a
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    a @ a
+    times.append(time.perf_counter() - t)
+  return 2 * n**3 / statistics.median(times) / 1e9
+
+
+# --- orchestration ---------------------------------------------------------------------------
+
+
+def ensure_torch_python(path: str | None) -> str:
+  if path:
+    return path
+  venv = Path.home() / ".cache" / "research" / "torchref"
+  py = venv / "bin" / "python"
+  if not py.exists():
+    print(f"creating the PyTorch reference venv at {venv} (Python 3.11, torch 2.13 CPU)", file=sys.stderr)
+    subprocess.run(["python3.11", "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0", "transformers==5.23.*", "safetensors"],
+                   check=True)
+  return str(py)
+
+
+def run_worker(python: str, kind: str, args, shape: str, dtype: str = "float32") -> dict:
+  cmd = [python, __file__, "--worker", kind, "--shapes", shape, "--batch", str(args.batch), "--seq", str(args.seq),
+         "--warmup", str(args.warmup), "--steps", str(args.steps), "--dtype", dtype]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if out.returncode:
+    raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-4000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--shapes", nargs="+", default=["minilm"], choices=sorted(SHAPES))
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--dtype", default="float32", help="our compute dtype (params stay fp32)")
+  p.add_argument("--torch-python", default=None, help="python with torch + transformers (else a venv is made)")
+  p.add_argument("--skip-torch", action="store_true")
+  p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+  args = p.parse_args()
+
+  if args.worker:
+    shape = args.shapes[0]
+    if args.worker == "jax":
+      r = worker_jax(shape, args.batch, args.seq, args.warmup, args.steps, args.dtype)
+    else:
+      r = worker_torch(shape, args.batch, args.seq, args.warmup, args.steps)
+    print(json.dumps(r))
+    return
+
+  peak = matmul_peak()
+  torch_py = None if args.skip_torch else ensure_torch_python(args.torch_python)
+  print(f"fp32 matmul peak (numpy, n=4096): {peak:.0f} GFLOP/s; batch {args.batch}, seq {args.seq}; "
+        f"median of {args.steps} steps after {args.warmup} warm-ups")
+  header = f"| shape | framework | s/step | ex/s | GFLOP/s | % of peak | peak RSS GB | vs PyTorch |"
+  print(header + "\n|" + "---|" * 8)
+  for shape in args.shapes:
+    flops = flops_per_step(shape, args.batch, args.seq)
+    results = [run_worker(sys.executable, "jax", args, shape, args.dtype)]
+    if torch_py:
+      results.append(run_worker(torch_py, "torch", args, shape))
+    ref = statistics.median(results[-1]["times"]) if torch_py else None
+    for r in results:
+      med = statistics.median(r["times"])
+      ratio = f"{ref / med:.2f}x" if ref else "-"
+      print(f"| {shape} | {r['framework']} | {med:.3f} | {args.batch / med:.2f} | {flops / med / 1e9:.0f} | "
+            f"{100 * flops / med / 1e9 / peak:.0f}% | {r['rss_gb']:.1f} | {ratio} |")
+    ours = results[0]
+    if ours.get("xla_flops"):
+      print(f"  ({shape}: formula {flops / 1e9:.0f} GFLOP/step, XLA cost analysis {ours['xla_flops'] / 1e9:.0f}; "
+            f"compile {ours['compile_s']:.1f} s)")
+
+
+if __name__ == "__main__":
+  main()
