@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 SHAPES = {  # layers, hidden, heads, intermediate
-    "minilm": (6, 384, 12, 1536),
-    "bert-base": (12, 768, 12, 3072),
+  "minilm": (6, 384, 12, 1536),
+  "bert-base": (12, 768, 12, 3072),
 }
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,19 +73,21 @@ def worker_jax(shape: str, batch: int, seq: int, warmup: int, steps: int, dtype:
   model = BertClassifier(cfg, num_labels=2, dtype=jnp.dtype(dtype))
   rng = np.random.default_rng(0)
   data = {
-      "input_ids": rng.integers(1000, 30000, size=(batch, seq)).astype(np.int32),
-      "attention_mask": np.ones((batch, seq), np.int32),
-      "token_type_ids": np.zeros((batch, seq), np.int32),
-      "labels": rng.integers(0, 2, size=batch).astype(np.int32),
-      "weights": np.ones(batch, np.float32),
+    "input_ids": rng.integers(1000, 30000, size=(batch, seq)).astype(np.int32),
+    "attention_mask": np.ones((batch, seq), np.int32),
+    "token_type_ids": np.zeros((batch, seq), np.int32),
+    "labels": rng.integers(0, 2, size=batch).astype(np.int32),
+    "weights": np.ones(batch, np.float32),
   }
-  params = model.init(jax.random.PRNGKey(0), data["input_ids"][:1], data["attention_mask"][:1], data["token_type_ids"][:1])["params"]
+  params = model.init(
+    jax.random.PRNGKey(0), data["input_ids"][:1], data["attention_mask"][:1], data["token_type_ids"][:1]
+  )["params"]
   oc = glue.get_config().optimizer
   tx, schedule = optim.make_optimizer(oc, params, 1000)
   mesh = parallel.make_mesh(1)
   state = parallel.replicate(steps_lib.create_state(params, tx, jax.random.PRNGKey(1)), mesh)
   fn = parallel.compile_train_step(
-      functools.partial(steps_lib.train_step, model=model, loss_fn=losses.softmax_xent, tx=tx, schedule=schedule), mesh
+    functools.partial(steps_lib.train_step, model=model, loss_fn=losses.softmax_xent, tx=tx, schedule=schedule), mesh
   )
   b = parallel.to_global(data, mesh)
   t0 = time.perf_counter()
@@ -100,8 +102,13 @@ def worker_jax(shape: str, batch: int, seq: int, warmup: int, steps: int, dtype:
     jax.block_until_ready(m["loss_sum"])
 
   times = _time(step, warmup, steps)
-  return {"framework": f"ours (jax {jax.__version__}, {dtype})", "times": times, "compile_s": compile_s,
-          "xla_flops": float(cost.get("flops", 0.0)) if cost else 0.0, "rss_gb": _peak_rss_gb()}
+  return {
+    "framework": f"ours (jax {jax.__version__}, {dtype})",
+    "times": times,
+    "compile_s": compile_s,
+    "xla_flops": float(cost.get("flops", 0.0)) if cost else 0.0,
+    "rss_gb": _peak_rss_gb(),
+  }
 
 
 def worker_torch(shape: str, batch: int, seq: int, warmup: int, steps: int) -> dict:
@@ -111,8 +118,9 @@ def worker_torch(shape: str, batch: int, seq: int, warmup: int, steps: int) -> d
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count() or 1)
   L, h, heads, inter = SHAPES[shape]
-  cfg = transformers.BertConfig(num_hidden_layers=L, hidden_size=h, num_attention_heads=heads, intermediate_size=inter,
-                                num_labels=2)
+  cfg = transformers.BertConfig(
+    num_hidden_layers=L, hidden_size=h, num_attention_heads=heads, intermediate_size=inter, num_labels=2
+  )
   model = transformers.BertForSequenceClassification(cfg).train()
   opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
   ids = torch.randint(1000, 30000, (batch, seq))
@@ -127,8 +135,11 @@ def worker_torch(shape: str, batch: int, seq: int, warmup: int, steps: int) -> d
     opt.zero_grad(set_to_none=True)
 
   times = _time(step, warmup, steps)
-  return {"framework": f"transformers {transformers.__version__} PyTorch eager (torch {torch.__version__})",
-          "times": times, "rss_gb": _peak_rss_gb()}
+  return {
+    "framework": f"transformers {transformers.__version__} PyTorch eager (torch {torch.__version__})",
+    "times": times,
+    "rss_gb": _peak_rss_gb(),
+  }
 
 
 def matmul_peak(n: int = 4096, reps: int = 5) -> float:
@@ -155,14 +166,31 @@ def ensure_torch_python(path: str | None) -> str:
   if not py.exists():
     print(f"creating the PyTorch reference venv at {venv} (Python 3.11, torch 2.13 CPU)", file=sys.stderr)
     subprocess.run(["python3.11", "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0", "transformers==5.23.*", "safetensors"],
-                   check=True)
+    subprocess.run(
+      [str(py), "-m", "pip", "install", "-q", "torch==2.13.0", "transformers==5.23.*", "safetensors"], check=True
+    )
   return str(py)
 
 
 def run_worker(python: str, kind: str, args, shape: str, dtype: str = "float32") -> dict:
-  cmd = [python, __file__, "--worker", kind, "--shapes", shape, "--batch", str(args.batch), "--seq", str(args.seq),
-         "--warmup", str(args.warmup), "--steps", str(args.steps), "--dtype", dtype]
+  cmd = [
+    python,
+    __file__,
+    "--worker",
+    kind,
+    "--shapes",
+    shape,
+    "--batch",
+    str(args.batch),
+    "--seq",
+    str(args.seq),
+    "--warmup",
+    str(args.warmup),
+    "--steps",
+    str(args.steps),
+    "--dtype",
+    dtype,
+  ]
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if out.returncode:
     raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-4000:]}")
@@ -193,8 +221,10 @@ def main() -> None:
 
   peak = matmul_peak()
   torch_py = None if args.skip_torch else ensure_torch_python(args.torch_python)
-  print(f"fp32 matmul peak (numpy, n=4096): {peak:.0f} GFLOP/s; batch {args.batch}, seq {args.seq}; "
-        f"median of {args.steps} steps after {args.warmup} warm-ups")
+  print(
+    f"fp32 matmul peak (numpy, n=4096): {peak:.0f} GFLOP/s; batch {args.batch}, seq {args.seq}; "
+    f"median of {args.steps} steps after {args.warmup} warm-ups"
+  )
   header = f"| shape | framework | s/step | ex/s | GFLOP/s | % of peak | peak RSS GB | vs PyTorch |"
   print(header + "\n|" + "---|" * 8)
   for shape in args.shapes:
@@ -206,12 +236,16 @@ def main() -> None:
     for r in results:
       med = statistics.median(r["times"])
       ratio = f"{ref / med:.2f}x" if ref else "-"
-      print(f"| {shape} | {r['framework']} | {med:.3f} | {args.batch / med:.2f} | {flops / med / 1e9:.0f} | "
-            f"{100 * flops / med / 1e9 / peak:.0f}% | {r['rss_gb']:.1f} | {ratio} |")
+      print(
+        f"| {shape} | {r['framework']} | {med:.3f} | {args.batch / med:.2f} | {flops / med / 1e9:.0f} | "
+        f"{100 * flops / med / 1e9 / peak:.0f}% | {r['rss_gb']:.1f} | {ratio} |"
+      )
     ours = results[0]
     if ours.get("xla_flops"):
-      print(f"  ({shape}: formula {flops / 1e9:.0f} GFLOP/step, XLA cost analysis {ours['xla_flops'] / 1e9:.0f}; "
-            f"compile {ours['compile_s']:.1f} s)")
+      print(
+        f"  ({shape}: formula {flops / 1e9:.0f} GFLOP/step, XLA cost analysis {ours['xla_flops'] / 1e9:.0f}; "
+        f"compile {ours['compile_s']:.1f} s)"
+      )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Device mesh, shardings, and how a step is compiled. All strategy differences live here.
 
-The main path: one `Mesh` with a `data` axis; batches are sharded on `P("data")`, the
-state is replicated, and `jax.jit` inserts the gradient all-reduce. On several hosts each
-process feeds its own rows and `jax.make_array_from_process_local_data` builds the global
-batch.
+The main path (`config.parallel = "jit"`): one `Mesh` with a `data` axis; batches are
+sharded on `P("data")`, the state is replicated, and `jax.jit` inserts the gradient
+all-reduce. `"pmap"` runs the same step under `jax.pmap`, each device on its shard, with an
+explicit psum of gradient and loss sums. On several hosts each process feeds its own rows and
+`jax.make_array_from_process_local_data` builds the global batch.
 """
 
 from __future__ import annotations
@@ -72,6 +73,75 @@ def compile_train_step(step_fn: Callable, mesh: Mesh, donate: bool = True) -> Ca
 
 def compile_eval_step(step_fn: Callable, mesh: Mesh) -> Callable:
   return jax.jit(step_fn, in_shardings=(replicated(mesh), batch_sharding(mesh)))
+
+
+class Strategy:
+  """Where state and batches live, and how the steps are compiled: "jit" or "pmap".
+
+  The trainer sees one interface. Checkpoints always hold the jit layout (replicated
+  global arrays), so a run saved under one strategy restores under the other.
+  """
+
+  def __init__(self, kind: str, mesh: Mesh):
+    if kind not in ("jit", "pmap"):
+      raise ValueError(f"config.parallel={kind!r}: expected 'jit' or 'pmap'")
+    self.kind, self.mesh = kind, mesh
+    self.n = mesh.shape["data"]
+
+  def put_state(self, state):
+    """Replicated state (jit layout) -> the layout the compiled step takes."""
+    state = replicate(state, self.mesh)
+    if self.kind == "jit":
+      return state
+    stacked = jax.tree.map(lambda x: jax.numpy.broadcast_to(x, (self.n, *x.shape)), state)
+    return jax.device_put(stacked, batch_sharding(self.mesh))
+
+  def get_state(self, state):
+    """The compiled step's layout -> replicated state (what checkpoints and eval use)."""
+    if self.kind == "jit":
+      return state
+    return replicate(jax.tree.map(lambda x: x[0], state), self.mesh)
+
+  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    if self.kind == "jit":
+      return to_global(batch, self.mesh)
+    local_n = self.n // jax.process_count()
+    sharding = batch_sharding(self.mesh)
+    return {
+      k: jax.make_array_from_process_local_data(sharding, v.reshape(local_n, v.shape[0] // local_n, *v.shape[1:]))
+      for k, v in batch.items()
+    }
+
+  def rows(self, x: jax.Array) -> np.ndarray:
+    """A batch-shaped output as numpy rows in global batch order, on every host."""
+    x = gather(x)
+    return x if self.kind == "jit" else x.reshape(-1, *x.shape[2:])
+
+  def scalars(self, metrics: dict) -> dict:
+    """Step metrics on the host (pmap returns one identical copy per device)."""
+    metrics = jax.device_get(metrics)
+    return metrics if self.kind == "jit" else jax.tree.map(lambda x: x[0], metrics)
+
+  def compile_train(self, step_fn: Callable, donate: bool = True) -> Callable:
+    """`step_fn(state, batch, *, reduce)` -> compiled `(state, batch) -> (state, metrics)`."""
+    if self.kind == "jit":
+      return compile_train_step(step_fn, self.mesh, donate)
+    psum = lambda tree: jax.lax.psum(tree, "data")  # noqa: E731
+
+    def per_device(state, batch):
+      # Each device draws its own dropout masks, as the rows of one jit batch do.
+      local = state.replace(rng=jax.random.fold_in(state.rng, jax.lax.axis_index("data")))
+      new, metrics = step_fn(local, batch, reduce=psum)
+      return new.replace(rng=state.rng), metrics
+
+    return jax.pmap(per_device, axis_name="data", donate_argnums=(0,) if donate else ())
+
+  def compile_eval(self, step_fn: Callable) -> Callable:
+    """`step_fn(params, batch, *, reduce)` -> compiled `(state, batch) -> outputs`."""
+    if self.kind == "jit":
+      return compile_eval_step(lambda state, batch: step_fn(state.params, batch), self.mesh)
+    psum = lambda tree: jax.lax.psum(tree, "data")  # noqa: E731
+    return jax.pmap(lambda state, batch: step_fn(state.params, batch, reduce=psum), axis_name="data")
 
 
 def gather(x: jax.Array) -> np.ndarray:

@@ -6,6 +6,7 @@ as sums and counts; the host divides after summing over steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -53,11 +54,14 @@ def train_step(
   schedule: optax.Schedule,
   grad_accum: int = 1,
   loss_kwargs: dict | None = None,
+  reduce: Callable = lambda tree: tree,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a (global) batch, optionally in `grad_accum` micro-batches.
 
   The gradient is d(sum of losses)/d(params) divided by the total count, so it is the
-  exact mean over the batch however it is split across devices and micro-batches. A
+  exact mean over the batch however it is split across devices and micro-batches.
+  `reduce` sums over devices where the step sees only its shard (`pmap`: a psum);
+  under `jit` the batch is global and it is the identity. A
   non-finite loss or gradient leaves the state unchanged and reports `nonfinite = 1`,
   so the host can stop before anything bad is saved.
   """
@@ -89,6 +93,7 @@ def train_step(
     init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
     (grads, loss_sum, count, correct), _ = jax.lax.scan(accumulate, init, (micro_batches, jnp.arange(grad_accum)))
 
+  grads, loss_sum, count, correct = reduce((grads, loss_sum, count, correct))
   grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -113,9 +118,16 @@ def train_step(
 
 
 def eval_step(
-  params, batch: dict[str, jax.Array], *, model: nn.Module, loss_fn: LossFn, loss_kwargs: dict | None = None
+  params,
+  batch: dict[str, jax.Array],
+  *,
+  model: nn.Module,
+  loss_fn: LossFn,
+  loss_kwargs: dict | None = None,
+  reduce: Callable = lambda tree: tree,
 ) -> dict[str, jax.Array]:
   """Loss sums plus the logits of every row; padded rows (weight 0) are dropped on the host."""
   logits = _forward(params, batch, None, model=model, train=False)
   loss_sum, count = loss_fn(logits=logits, labels=batch["labels"], weights=batch["weights"], **(loss_kwargs or {}))
+  loss_sum, count = reduce((loss_sum, count))
   return {"loss_sum": loss_sum, "count": count, "logits": logits}

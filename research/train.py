@@ -70,7 +70,7 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
   return model, params, cfg
 
 
-def evaluate(eval_fn, params, enc: pipeline.Encoded, task: tasks.Task, config, mesh) -> tuple[dict, np.ndarray]:
+def evaluate(eval_fn, state, enc: pipeline.Encoded, task: tasks.Task, config, strategy) -> tuple[dict, np.ndarray]:
   """Metrics over every example exactly once, and the logits in dataset order."""
   logits_all = np.zeros((len(enc), task.num_labels), np.float32)
   loss_sum = count = 0.0
@@ -82,13 +82,14 @@ def evaluate(eval_fn, params, enc: pipeline.Encoded, task: tasks.Task, config, m
     process_count=jax.process_count(),
   ):
     index = batch.pop("index")
-    out = eval_fn(params, parallel.to_global(batch, mesh))
-    index = parallel.gather(parallel.to_global({"index": index}, mesh)["index"])
-    logits = parallel.gather(out["logits"])
+    out = eval_fn(state, strategy.put_batch(batch))
+    index = strategy.rows(strategy.put_batch({"index": index})["index"])
+    logits = strategy.rows(out["logits"])
     keep = index >= 0
     logits_all[index[keep]] = logits[keep]
-    loss_sum += float(out["loss_sum"])
-    count += float(out["count"])
+    sums = strategy.scalars({"loss_sum": out["loss_sum"], "count": out["count"]})
+    loss_sum += float(sums["loss_sum"])
+    count += float(sums["count"])
   m = metrics.compute(task.metrics, logits_all, enc.labels, task.is_regression)
   return {"loss": loss_sum / max(count, 1.0), **m, "examples": float(len(enc))}, logits_all
 
@@ -134,9 +135,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   # --- Mesh ------------------------------------------------------------------------------
   mesh = parallel.make_mesh(config.num_devices)
+  strategy = parallel.Strategy(config.parallel, mesh)
   parallel.check_batch_size(config.batch_size, mesh, config.optimizer.grad_accum)
   parallel.check_batch_size(config.eval_batch_size, mesh)
-  log.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
+  log.info("mesh %s over %d processes, %s", dict(mesh.shape), jax.process_count(), config.parallel)
 
   # --- Data ------------------------------------------------------------------------------
   tokenizer = load_tokenizer(config.model)
@@ -207,7 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   # --- Compiled steps ------------------------------------------------------------------------
   loss_kwargs = config.loss_kwargs.to_dict()
-  train_fn = parallel.compile_train_step(
+  train_fn = strategy.compile_train(
     functools.partial(
       steps.train_step,
       model=model,
@@ -217,46 +219,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       grad_accum=config.optimizer.grad_accum,
       loss_kwargs=loss_kwargs,
     ),
-    mesh,
     donate=config.donate,
   )
-  eval_fn = parallel.compile_eval_step(
-    functools.partial(steps.eval_step, model=model, loss_fn=loss_fn, loss_kwargs=loss_kwargs), mesh
+  eval_fn = strategy.compile_eval(
+    functools.partial(steps.eval_step, model=model, loss_fn=loss_fn, loss_kwargs=loss_kwargs)
   )
 
   # --- Loop ----------------------------------------------------------------------------------
   step = int(state.step)
+  state = strategy.put_state(state)  # from here on, the compiled step's layout
   writer = writers.MetricWriter(workdir, resume_step=step)
   progress = writers.Progress(total_steps, config.batch_size, step, enabled=config.progress)
-  batches = parallel.prefetch(train_iter, lambda b: parallel.to_global(b, mesh), size=d.prefetch)
+  batches = parallel.prefetch(train_iter, strategy.put_batch, size=d.prefetch)
   preempt = _Preemption()
   sums = {}
   data_state = train_iter.get_state()
   dev_metrics, t_start = {}, time.time()
 
-  def host_metrics(m: dict) -> dict:
+  def host_metrics(pending: tuple[dict, int]) -> dict:
     """Fetch one step's metrics; stop loudly on a non-finite loss before anything is saved."""
-    m = jax.device_get(m)
+    m, at = strategy.scalars(pending[0]), pending[1]
     if m["nonfinite"]:
       raise FloatingPointError(
-        f"non-finite loss or gradient at step {int(m['step'])} (loss_sum={m['loss_sum']}, "
+        f"non-finite loss or gradient at step {at} (loss_sum={m['loss_sum']}, "
         f"grad_norm={m['grad_norm']}); the state was not updated and the last good checkpoint "
         f"in {workdir / 'checkpoints'} is kept. Lower the learning rate or check the data."
       )
     return m
 
   def save(at: int, eval_metrics: dict | None = None):
-    ckpt.save(at, state, data_state, config_dict, metrics=eval_metrics)
+    ckpt.save(at, strategy.get_state(state), data_state, config_dict, metrics=eval_metrics)
 
   pending = None  # the previous step's metrics, fetched one step late to keep the device busy
   try:
     while step < total_steps:
       batch, next_data_state = next(batches)
       state, m = train_fn(state, batch)
-      m["step"] = step + 1
       if pending is not None:
         _accumulate(sums, host_metrics(pending))
-      pending, step, data_state = m, step + 1, next_data_state
+      pending, step, data_state = (m, step + 1), step + 1, next_data_state
 
       is_last = step == total_steps
       do_eval = is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
@@ -271,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         sums = {}
         log.info("step %d: %s", step, _fmt(train_m))
       if do_eval:
-        dev_metrics, _ = evaluate(eval_fn, state.params, dev_enc, task, config, mesh)
+        dev_metrics, _ = evaluate(eval_fn, state, dev_enc, task, config, strategy)
         writer.write(step, config.eval_split, dev_metrics)
         log.info("step %d %s: %s", step, config.eval_split, _fmt(dev_metrics))
         save(step, dev_metrics)
