@@ -65,7 +65,8 @@ def worker_jax(shape: str, batch: int, seq: int, warmup: int, steps: int, dtype:
   import numpy as np
 
   from configs import glue
-  from research import losses, optim, parallel, steps as steps_lib
+  from research import losses, optim, parallel
+  from research import steps as steps_lib
   from research.models.bert import BertClassifier, BertConfig
 
   L, h, heads, inter = SHAPES[shape]
@@ -225,7 +226,7 @@ def main() -> None:
     f"fp32 matmul peak (numpy, n=4096): {peak:.0f} GFLOP/s; batch {args.batch}, seq {args.seq}; "
     f"median of {args.steps} steps after {args.warmup} warm-ups"
   )
-  header = f"| shape | framework | s/step | ex/s | GFLOP/s | % of peak | peak RSS GB | vs PyTorch |"
+  header = "| shape | framework | s/step | ex/s | GFLOP/s | % of peak | peak RSS GB | vs PyTorch |"
   print(header + "\n|" + "---|" * 8)
   for shape in args.shapes:
     flops = flops_per_step(shape, args.batch, args.seq)
