@@ -22,6 +22,8 @@ MODELS = {
     intermediate_size=128,
     max_position_embeddings=128,
   ),
+  # Bag of embeddings (embedding -> mean pool -> dense): the cheap baseline.
+  "bow": dict(arch="bow", init_from="", tokenizer="minilm", hidden_size=128),
   # MiniLM's shape from random init: the "what does pretraining buy" baseline.
   "minilm-scratch": dict(
     init_from="",
@@ -64,6 +66,7 @@ def model_config(name: str) -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict(
     dict(
       name=name,
+      arch="bert",  # bert | bow
       init_from="",  # HF folder, packaged name (minilm) or hub id; "" = random init
       tokenizer="",  # defaults to init_from's tokenizer
       dtype="float32",  # compute dtype; params stay float32

@@ -25,6 +25,7 @@ from research import checkpoint, losses, metrics, optim, parallel, steps, writer
 from research.data import pipeline, sources, tasks
 from research.models import convert
 from research.models.bert import BertClassifier, BertConfig
+from research.models.bow import BagOfEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,14 @@ def load_tokenizer(mc: ml_collections.ConfigDict):
 
 
 def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int, rng: jax.Array):
-  """Returns (module, params, BERT config): pretrained from `init_from`, else random."""
+  """Returns (module, params, architecture config): pretrained from `init_from`, else random."""
+  ids = jnp.zeros((1, 8), jnp.int32)
+  if mc.arch == "bow":
+    if mc.init_from:
+      raise ValueError("config.model.arch='bow' is trained from scratch; set config.model.init_from=''")
+    cfg = {"arch": "bow", "vocab_size": mc.vocab_size or vocab_size, "hidden_size": mc.hidden_size}
+    model = BagOfEmbeddings(cfg["vocab_size"], cfg["hidden_size"], num_labels, dtype=jnp.dtype(mc.dtype))
+    return model, jax.jit(lambda r: model.init(r, ids, ids, ids))(rng)["params"], cfg
   if mc.init_from:
     cfg, encoder, heads, _ = convert.load_hf_folder(mc.init_from)
   else:
@@ -63,7 +71,6 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
   if cfg.vocab_size < vocab_size:
     raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
   model = BertClassifier(cfg, num_labels, dtype=jnp.dtype(mc.dtype))
-  ids = jnp.zeros((1, 8), jnp.int32)
   params = jax.jit(lambda r: model.init(r, ids, ids, ids, train=False))(rng)["params"]
   if mc.init_from:
     params = convert.merge_pretrained(params, encoder, heads, num_labels)
@@ -184,6 +191,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   rng = jax.random.PRNGKey(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   model, params, bert_cfg = build_model(config.model, task.num_labels, len(tokenizer), init_rng)
+  if is_main:
+    arch = bert_cfg if isinstance(bert_cfg, dict) else {"arch": "bert", **bert_cfg.to_dict()}
+    (workdir / "model_config.json").write_text(json.dumps(arch, indent=2))
 
   # --- Optimizer ---------------------------------------------------------------------------
   tx, schedule = optim.make_optimizer(config.optimizer, params, total_steps)

@@ -1,10 +1,10 @@
 """Metrics against scikit-learn/scipy; losses against their formulas, with gradients checked."""
 
 import jax
-from jax.test_util import check_grads
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 from scipy import stats
 from sklearn import metrics as skm
 

@@ -183,3 +183,42 @@ def test_pmap_run_matches_jit_run_and_checkpoints_interchange(small_glue, tmp_pa
   # A pmap checkpoint resumes under jit (checkpoints hold one layout).
   more = tiny_config(small_glue, parallel="jit", num_train_steps=10, **no_dropout)
   assert train.train_and_evaluate(more, tmp_path / "pmap")["step"] == 10
+
+
+def test_predict_split_text_and_export(small_glue, tmp_path):
+  from research import predict
+  from research.models import convert
+
+  wd = tmp_path / "run"
+  result = train.train_and_evaluate(tiny_config(small_glue), wd)
+  p = predict.Predictor(wd, step="latest")
+  out = predict.predict_split(p, "dev", tmp_path / "pred")
+  assert out["examples"] == 41 and out["accuracy"] == result["final"]["accuracy"]
+  rows = (tmp_path / "pred" / "sst2_dev_predictions.tsv").read_text().splitlines()
+  assert rows[0] == "index\tprediction\tlabel" and len(rows) == 42
+  got = predict.predict_texts(p, ["a gorgeous , witty film", "dull and lifeless"])
+  assert [r["prediction"] in ("0", "1") for r in got] == [True, True]
+  assert abs(sum(got[0]["probabilities"].values()) - 1) < 1e-3
+  with pytest.raises(ValueError, match="input line 1: task sst2 needs 1 non-empty"):
+    predict.predict_texts(p, ["a\tb"])
+  # Export, then load the folder back through the strict converter: same logits.
+  folder = convert.save_hf_folder(tmp_path / "hf", p.params, p.bert_cfg, num_labels=2, tokenizer=p.tokenizer)
+  cfg, enc, heads, _ = convert.load_hf_folder(str(folder))
+  params = convert.merge_pretrained(p.params, enc, heads, 2)
+  jax.tree.map(np.testing.assert_array_equal, params, p.params)
+  assert (folder / "tokenizer.json").exists() and json.loads((folder / "config.json").read_text())["num_labels"] == 2
+
+
+def test_bag_of_embeddings_baseline_trains_and_predicts(small_glue, tmp_path):
+  from research import predict
+
+  c = tiny_config(small_glue)
+  c.unlock()
+  c.model = glue_cfg.get_config("model=bow").model
+  c.optimizer.lr = 1e-2
+  c.lock()
+  result = train.train_and_evaluate(c, tmp_path)
+  assert result["step"] == 8 and 0 <= result["final"]["accuracy"] <= 1
+  assert json.loads((tmp_path / "model_config.json").read_text())["arch"] == "bow"
+  p = predict.Predictor(tmp_path, step="latest")
+  assert predict.predict_split(p, "dev", tmp_path / "pred")["accuracy"] == result["final"]["accuracy"]

@@ -1,0 +1,181 @@
+"""Predict with a trained run: a split (with GLUE submission files for test), ad-hoc text, or
+export to a Hugging Face folder.
+
+    python -m research.predict --workdir runs/sst2 --split dev
+    python -m research.predict --workdir runs/sst2 --split test          # writes SST-2.tsv
+    python -m research.predict --workdir runs/sst2 --text "a gorgeous, witty film"
+    printf 'first sentence\\tsecond sentence\\n' | python -m research.predict --workdir runs/rte --stdin
+    python -m research.predict --workdir runs/sst2 --export_hf exported/sst2
+
+The best checkpoint (by dev metric) is used unless --step says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags
+
+from research import metrics
+from research.data import pipeline, sources, tasks
+from research.models import convert
+from research.models.bert import BertClassifier, BertConfig
+from research.models.bow import BagOfEmbeddings
+from research.train import load_tokenizer
+
+# GLUE leaderboard file names per task (MNLI has two).
+SUBMISSION_NAMES = {
+  "cola": "CoLA",
+  "sst2": "SST-2",
+  "mrpc": "MRPC",
+  "qqp": "QQP",
+  "stsb": "STS-B",
+  "mnli": "MNLI",
+  "qnli": "QNLI",
+  "rte": "RTE",
+  "wnli": "WNLI",
+}
+
+
+class Predictor:
+  """A trained run's model, tokenizer and parameters, ready to score texts."""
+
+  def __init__(self, workdir: str | Path, step: str = "best"):
+    self.workdir = Path(workdir)
+    cfg_path = self.workdir / "config.json"
+    if not cfg_path.is_file():
+      raise FileNotFoundError(f"{cfg_path}: not a training workdir (no config.json)")
+    self.config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    self.task = tasks.get_task(self.config.task)
+    self.tokenizer = load_tokenizer(self.config.model)
+    mngr = ocp.CheckpointManager(
+      (self.workdir / "checkpoints").resolve(),
+      item_names=("state",),
+      options=ocp.CheckpointManagerOptions(read_only=True),
+    )
+    metric = self.config.best_metric or self.task.metrics[0]
+    if step == "best":
+      scored = [(s, mngr.metrics(s)) for s in mngr.all_steps()]
+      scored = [(m[metric], s) for s, m in scored if m and metric in m]
+      self.step = max(scored)[1] if scored else mngr.latest_step()
+    else:
+      self.step = mngr.latest_step() if step == "latest" else int(step)
+    if self.step is None:
+      raise FileNotFoundError(f"{self.workdir / 'checkpoints'}: no checkpoint")
+    restored = mngr.restore(self.step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    self.params = jax.tree.map(jnp.asarray, restored.state["params"])
+    # The architecture the run trained (written by train.py), so no pretrained folder is needed.
+    arch = json.loads((self.workdir / "model_config.json").read_text())
+    dtype = jnp.dtype(self.config.model.dtype)
+    if arch.get("arch") == "bow":
+      self.bert_cfg = None
+      self.model = BagOfEmbeddings(arch["vocab_size"], arch["hidden_size"], self.task.num_labels, dtype=dtype)
+    else:
+      self.bert_cfg = BertConfig.from_dict(arch)
+      self.model = BertClassifier(self.bert_cfg, self.task.num_labels, dtype=dtype)
+    self._apply = jax.jit(
+      lambda p, b: self.model.apply({"params": p}, *(b[k] for k in ("input_ids", "attention_mask", "token_type_ids")))
+    )
+
+  def logits(self, examples: sources.Examples, batch_size: int = 64) -> np.ndarray:
+    enc = pipeline.encode(examples, self.tokenizer, self.config.data.max_length)
+    buckets = pipeline.bucket_lengths(self.config.data.buckets, self.config.data.max_length)
+    out = np.zeros((len(enc), self.task.num_labels), np.float32)
+    for batch in pipeline.eval_batches(enc, batch_size=batch_size, buckets=buckets):
+      idx = batch.pop("index")
+      logits = np.asarray(self._apply(self.params, batch))
+      out[idx[idx >= 0]] = logits[idx >= 0]
+    return out
+
+  def label_names(self, logits: np.ndarray) -> list[str]:
+    pred = metrics.predictions(logits, self.task.is_regression)
+    if self.task.is_regression:
+      return [f"{float(np.clip(p, 0.0, 5.0)):.3f}" for p in pred]
+    return [self.task.labels[int(p)] for p in pred]
+
+
+def predict_split(p: Predictor, split: str, out_dir: Path) -> dict:
+  d = p.config.data
+  examples = sources.load_split(p.task, split, source=d.source, glue_dir=d.glue_dir, tfds_data_dir=d.tfds_data_dir)
+  logits = p.logits(examples)
+  names = p.label_names(logits)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  if split.startswith("test"):
+    suffix = {"test_matched": "-m", "test_mismatched": "-mm"}.get(split, "")
+    path = out_dir / f"{SUBMISSION_NAMES[p.task.name]}{suffix}.tsv"
+    path.write_text("index\tprediction\n" + "".join(f"{i}\t{n}\n" for i, n in enumerate(names)))
+    return {"file": str(path), "examples": len(names)}
+  path = out_dir / f"{p.task.name}_{split}_predictions.tsv"
+  path.write_text(
+    "index\tprediction\tlabel\n"
+    + "".join(f"{i}\t{n}\t{lab}\n" for i, (n, lab) in enumerate(zip(names, examples.labels.tolist())))
+  )
+  result = metrics.compute(p.task.metrics, logits, examples.labels, p.task.is_regression)
+  return {"file": str(path), "examples": len(names), **result}
+
+
+def predict_texts(p: Predictor, lines: list[str]) -> list[dict]:
+  n_cols = len(p.task.text_columns)
+  texts = []
+  for i, line in enumerate(lines, 1):
+    cols = tuple(c.strip() for c in line.rstrip("\n").split("\t"))
+    if len(cols) != n_cols or not all(cols):
+      raise ValueError(f"input line {i}: task {p.task.name} needs {n_cols} non-empty tab-separated text(s)")
+    texts.append(cols)
+  labels = np.zeros(len(texts), np.float32 if p.task.is_regression else np.int32)
+  logits = p.logits(sources.Examples(texts, labels, "input"))
+  names = p.label_names(logits)
+  out = []
+  for t, n, lg in zip(texts, names, logits):
+    r = {"text": "\t".join(t), "prediction": n}
+    if not p.task.is_regression:
+      r["probabilities"] = {lab: round(float(x), 4) for lab, x in zip(p.task.labels, jax.nn.softmax(lg))}
+    out.append(r)
+  return out
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
+_STEP = flags.DEFINE_string("step", "best", "best | latest | a step number")
+_SPLIT = flags.DEFINE_string("split", None, "Predict a split: dev, test, dev_matched, ...")
+_OUT = flags.DEFINE_string("out", None, "Where prediction files go (default: WORKDIR/predictions)")
+_TEXT = flags.DEFINE_multi_string("text", [], "Classify this text (pairs: tab-separated); repeatable.")
+_STDIN = flags.DEFINE_bool("stdin", False, "Classify one text (or tab-separated pair) per stdin line.")
+_EXPORT = flags.DEFINE_string("export_hf", None, "Write a Hugging Face BertForSequenceClassification folder here.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  del argv
+  p = Predictor(_WORKDIR.value, _STEP.value)
+  print(f"# {p.workdir} step {p.step} ({p.task.name})", file=sys.stderr)
+  if _SPLIT.value:
+    print(json.dumps(predict_split(p, _SPLIT.value, Path(_OUT.value or p.workdir / "predictions"))))
+  lines = list(_TEXT.value) + (sys.stdin.read().splitlines() if _STDIN.value else [])
+  for r in predict_texts(p, lines) if lines else []:
+    print(json.dumps(r))
+  if _EXPORT.value:
+    if p.bert_cfg is None:
+      raise app.UsageError("--export_hf: only BERT runs export to a Hugging Face folder")
+    id2label = None if p.task.is_regression else dict(enumerate(p.task.labels))
+    problem = "regression" if p.task.is_regression else "single_label_classification"
+    out = convert.save_hf_folder(
+      _EXPORT.value,
+      p.params,
+      p.bert_cfg,
+      num_labels=p.task.num_labels,
+      id2label=id2label,
+      problem_type=problem,
+      tokenizer=p.tokenizer,
+    )
+    print(f"exported to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)
