@@ -77,3 +77,32 @@ class Checkpointer:
 def abstract(tree) -> Any:
   """ShapeDtypeStructs with shardings, the restore target for `tree`."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def restore_on_host(directory: str | Path, step: int | None = None) -> tuple[int, Any, dict]:
+  """(step, state tree, metrics) onto one local device, whatever topology saved it.
+
+  For prediction, export and inspection: no optimizer or mesh is needed.
+  """
+  mngr = ocp.CheckpointManager(
+    Path(directory).resolve(),
+    item_handlers={"state": ocp.StandardCheckpointHandler()},
+    options=ocp.CheckpointManagerOptions(read_only=True),
+  )
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{directory}: no checkpoint")
+  one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  meta = mngr.item_metadata(step).state
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), meta)
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+  return step, state, mngr.metrics(step) or {}
+
+
+def best_or_latest(directory: str | Path, metric: str, mode: str = "max") -> int | None:
+  """The step with the best saved `metric`, else the latest step."""
+  mngr = ocp.CheckpointManager(Path(directory).resolve(), options=ocp.CheckpointManagerOptions(read_only=True))
+  scored = [(m[metric], s) for s in mngr.all_steps() if (m := mngr.metrics(s)) and metric in m]
+  if scored:
+    return (max(scored) if mode == "max" else min(scored))[1]
+  return mngr.latest_step()

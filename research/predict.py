@@ -20,10 +20,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags
 
-from research import metrics
+from research import checkpoint, metrics
 from research.data import pipeline, sources, tasks
 from research.models import convert
 from research.models.bert import BertClassifier, BertConfig
@@ -55,22 +54,14 @@ class Predictor:
     self.config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
     self.task = tasks.get_task(self.config.task)
     self.tokenizer = load_tokenizer(self.config.model)
-    mngr = ocp.CheckpointManager(
-      (self.workdir / "checkpoints").resolve(),
-      item_names=("state",),
-      options=ocp.CheckpointManagerOptions(read_only=True),
-    )
+    ckpt_dir = self.workdir / "checkpoints"
     metric = self.config.best_metric or self.task.metrics[0]
     if step == "best":
-      scored = [(s, mngr.metrics(s)) for s in mngr.all_steps()]
-      scored = [(m[metric], s) for s, m in scored if m and metric in m]
-      self.step = max(scored)[1] if scored else mngr.latest_step()
+      chosen = checkpoint.best_or_latest(ckpt_dir, metric)
     else:
-      self.step = mngr.latest_step() if step == "latest" else int(step)
-    if self.step is None:
-      raise FileNotFoundError(f"{self.workdir / 'checkpoints'}: no checkpoint")
-    restored = mngr.restore(self.step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    self.params = jax.tree.map(jnp.asarray, restored.state["params"])
+      chosen = None if step == "latest" else int(step)
+    self.step, state, _ = checkpoint.restore_on_host(ckpt_dir, chosen)
+    self.params = state["params"]
     # The architecture the run trained (written by train.py), so no pretrained folder is needed.
     arch = json.loads((self.workdir / "model_config.json").read_text())
     dtype = jnp.dtype(self.config.model.dtype)

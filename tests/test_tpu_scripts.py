@@ -54,12 +54,27 @@ def test_setup_dry_run_installs_pinned_jax_tpu_on_all_workers(env):
 
 
 def test_run_dry_run_launches_on_every_worker(env):
-  out = _sh("run.sh", "--dry-run", "--project", "p", "--tfds-data-dir", "gs://b/tfds", "--",
-            "--config", "configs/glue.py:task=sst2", "--workdir", "gs://b/runs/sst2", env=env)
+  out = _sh(
+    "run.sh",
+    "--dry-run",
+    "--project",
+    "p",
+    "--tfds-data-dir",
+    "gs://b/tfds",
+    "--",
+    "--config",
+    "configs/glue.py:task=sst2",
+    "--workdir",
+    "gs://b/runs/sst2",
+    env=env,
+  )
   cmd = out.replace("\\ ", " ")
   assert cmd.startswith("gcloud compute tpus tpu-vm ssh research-tpu --zone=us-central2-b --project=p --worker=all")
   assert "TFDS_DATA_DIR=gs://b/tfds" in cmd
-  assert "python -m research.main --config configs/glue.py:task=sst2 --workdir gs://b/runs/sst2 --config.distributed=True" in cmd
+  assert (
+    "python -m research.main --config configs/glue.py:task=sst2 --workdir gs://b/runs/sst2 --config.distributed=True"
+    in cmd
+  )
 
 
 def test_babysit_recreates_a_preempted_tpu_and_relaunches(env, tmp_path):
@@ -80,6 +95,9 @@ def test_babysit_leaves_a_healthy_tpu_alone(env, tmp_path):
 
 def test_shellcheck_passes():
   shellcheck = shutil.which("shellcheck") or str(REPO / ".venv" / "bin" / "shellcheck")
-  scripts = sorted(str(p) for p in (REPO / "tpu").glob("*.sh")) + [str(REPO / ".ci" / "run"), str(REPO / ".ci" / "setup")]
+  scripts = sorted(str(p) for p in (REPO / "tpu").glob("*.sh")) + [
+    str(REPO / ".ci" / "run"),
+    str(REPO / ".ci" / "setup"),
+  ]
   out = subprocess.run([shellcheck, "-x", *scripts], cwd=REPO, capture_output=True, text=True)
   assert out.returncode == 0, out.stdout

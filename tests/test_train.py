@@ -8,21 +8,16 @@ import textwrap
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO, tiny_config
 
 from configs import glue as glue_cfg
-from research import train
+from research import checkpoint, train
 from research.models.convert import WeightsError
 
 
 def _final_params(workdir, step=None):
-  mngr = ocp.CheckpointManager(
-    workdir / "checkpoints", item_names=("state",), options=ocp.CheckpointManagerOptions(read_only=True)
-  )
-  step = step or mngr.latest_step()
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  step, state, _ = checkpoint.restore_on_host(workdir / "checkpoints", step)
   return step, jax.tree.map(np.asarray, state["params"])
 
 

@@ -1,0 +1,78 @@
+"""A real two-process run: jax.distributed on localhost, 4 CPU devices per process, gloo collectives.
+
+It must match the single-process 8-device run, and its checkpoint must continue in one process.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+from conftest import REPO
+from test_train import _final_params
+
+_CHILD = textwrap.dedent("""
+    import logging, sys
+    logging.basicConfig(level=logging.INFO)
+    sys.path.insert(0, {tests!r}); sys.path.insert(0, {repo!r})
+    import jax
+    workdir, glue, pid, nproc, port, steps = sys.argv[1:7]
+    pid, nproc, steps = int(pid), int(nproc), int(steps)
+    jax.config.update("jax_num_cpu_devices", 8 // nproc)
+    if nproc > 1:
+      jax.distributed.initialize(coordinator_address=f"localhost:{{port}}", num_processes=nproc, process_id=pid)
+    from pathlib import Path
+    from conftest import tiny_config
+    from research import train
+    config = tiny_config(Path(glue), num_train_steps=steps, checkpoint_every_steps=3, eval_every_steps=3)
+    print("RESULT", train.train_and_evaluate(config, workdir))
+""")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir, glue, nproc, steps):
+  script = _CHILD.format(tests=str(REPO / "tests"), repo=str(REPO))
+  port = str(_free_port())
+  env = os.environ | {"HF_HUB_OFFLINE": "1"}
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", script, str(workdir), str(glue), str(pid), str(nproc), port, str(steps)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for pid in range(nproc)
+  ]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-4000:]
+  return [o for o, _ in outs]
+
+
+def test_two_processes_match_one_and_checkpoints_cross_over(small_glue, tmp_path):
+  _launch(tmp_path / "one", small_glue, nproc=1, steps=6)
+  outs = _launch(tmp_path / "two", small_glue, nproc=2, steps=6)
+  assert all("RESULT" in o for o in outs)
+  s1, p1 = _final_params(tmp_path / "one")
+  s2, p2 = _final_params(tmp_path / "two")
+  assert s1 == s2 == 6
+  # Same global batches, same math; only the all-reduce order may differ.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p2)
+  dev = lambda wd: [r for r in (wd / "metrics.jsonl").read_text().splitlines() if '"split": "dev"' in r]  # noqa: E731
+  assert len(dev(tmp_path / "two")) == 2  # only process 0 wrote metrics
+  # The two-process checkpoint continues in one process, and the reverse.
+  _launch(tmp_path / "two", small_glue, nproc=1, steps=9)
+  _launch(tmp_path / "one", small_glue, nproc=2, steps=9)
+  s3, p3 = _final_params(tmp_path / "two")
+  s4, p4 = _final_params(tmp_path / "one")
+  assert s3 == s4 == 9
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p3, p4)
