@@ -16,6 +16,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "fixtures"))
 
 from research.data.sources import default_glue_dir  # noqa: E402
 

@@ -174,3 +174,20 @@ def test_dropout_is_driven_by_the_rng():
   np.testing.assert_array_equal(run(1), run(1))
   assert not np.allclose(run(1), run(2))
   np.testing.assert_array_equal(run(1, train=False), run(2, train=False))
+
+
+def test_export_loads_in_pytorch_with_same_logits(tmp_path):
+  """Our exported folder, loaded by transformers' PyTorch BertForSequenceClassification
+  (tests/fixtures/make_export_golden.py), gives our logits."""
+  import make_export_golden as g
+  from conftest import REPO
+
+  model, cfg, params = g.build_params()
+  ids, mask, types = g.inputs()
+  ours = np.asarray(model.apply({"params": params}, ids, mask, types))
+  torch_logits = np.load(REPO / "tests" / "fixtures" / "export_golden.npz")["logits"]
+  assert np.abs(ours - torch_logits).max() <= 1e-4
+  # The fixture's weights are these: the export of the same seeded params loads back bit-exact.
+  folder = convert.save_hf_folder(tmp_path / "e", params, cfg, num_labels=g.NUM_LABELS)
+  _, enc, heads, _ = convert.load_hf_folder(str(folder))
+  jax.tree.map(np.testing.assert_array_equal, convert.merge_pretrained(params, enc, heads, g.NUM_LABELS), params)

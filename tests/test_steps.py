@@ -38,8 +38,12 @@ def _batch(b=16, length=12, seed=0, num_labels=2):
   }
 
 
-def _setup(opt_overrides=None, total_steps=10):
-  model = BertClassifier(CFG, num_labels=2)
+# Where two runs must agree exactly although they draw dropout masks differently.
+CFG_NO_DROPOUT = BertConfig(**(CFG.to_dict() | {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
+
+
+def _setup(opt_overrides=None, total_steps=10, cfg=CFG):
+  model = BertClassifier(cfg, num_labels=2)
   ids = jnp.zeros((1, 4), jnp.int32)
   params = model.init(jax.random.PRNGKey(0), ids, ids, ids)["params"]
   oc = glue_cfg.get_config().optimizer
@@ -50,8 +54,8 @@ def _setup(opt_overrides=None, total_steps=10):
   return model, tx, schedule, state
 
 
-def _run(mesh, batches, grad_accum=1, opt=None, kind="jit"):
-  model, tx, schedule, state = _setup(opt)
+def _run(mesh, batches, grad_accum=1, opt=None, kind="jit", cfg=CFG):
+  model, tx, schedule, state = _setup(opt, cfg=cfg)
   strategy = parallel.Strategy(kind, mesh)
   fn = strategy.compile_train(
     functools.partial(
@@ -81,15 +85,10 @@ def test_sharded_step_equals_single_device():
 
 def test_grad_accumulation_equals_one_big_batch():
   """Micro-batches average exactly like the whole batch (dropout off: the rngs differ)."""
-  global CFG
-  saved, CFG = CFG, BertConfig(**(CFG.to_dict() | {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
-  try:
-    batches = [_batch(seed=s) for s in range(2)]
-    mesh = parallel.make_mesh(8)
-    full, hf = _run(mesh, batches)
-    acc, ha = _run(mesh, batches, grad_accum=2)
-  finally:
-    CFG = saved
+  batches = [_batch(seed=s) for s in range(2)]
+  mesh = parallel.make_mesh(8)
+  full, hf = _run(mesh, batches, cfg=CFG_NO_DROPOUT)
+  acc, ha = _run(mesh, batches, grad_accum=2, cfg=CFG_NO_DROPOUT)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), full.params, acc.params)
   np.testing.assert_allclose(hf[0]["grad_norm"], ha[0]["grad_norm"], rtol=1e-5)
 
@@ -177,15 +176,10 @@ def test_pmap_equals_jit():
 
   Dropout is off because the two draw masks differently (pmap folds in the device index).
   """
-  global CFG
-  saved, CFG = CFG, BertConfig(**(CFG.to_dict() | {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
-  try:
-    batches = [_batch(seed=s) for s in range(3)]
-    mesh = parallel.make_mesh(8)
-    jitted, hj = _run(mesh, batches)
-    pmapped, hp = _run(mesh, batches, kind="pmap")
-  finally:
-    CFG = saved
+  batches = [_batch(seed=s) for s in range(3)]
+  mesh = parallel.make_mesh(8)
+  jitted, hj = _run(mesh, batches, cfg=CFG_NO_DROPOUT)
+  pmapped, hp = _run(mesh, batches, kind="pmap", cfg=CFG_NO_DROPOUT)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), jitted.params, pmapped.params)
   for a, b in zip(hj, hp):
     np.testing.assert_allclose(a["loss_sum"], b["loss_sum"], rtol=1e-6)
