@@ -70,6 +70,7 @@ def model_config(name: str) -> ml_collections.ConfigDict:
       init_from="",  # HF folder, packaged name (minilm) or hub id; "" = random init
       tokenizer="",  # defaults to init_from's tokenizer
       dtype="float32",  # compute dtype; params stay float32
+      pooling="cls",  # cls (BERT's pooler; exports to HF) | mean (over real tokens)
       hidden_dropout_prob=-1.0,  # < 0: keep the checkpoint's value
       attention_probs_dropout_prob=-1.0,
       # Architecture, used only for random init:

@@ -66,11 +66,12 @@ class Predictor:
     arch = json.loads((self.workdir / "model_config.json").read_text())
     dtype = jnp.dtype(self.config.model.dtype)
     if arch.get("arch") == "bow":
-      self.bert_cfg = None
+      self.bert_cfg, self.pooling = None, None
       self.model = BagOfEmbeddings(arch["vocab_size"], arch["hidden_size"], self.task.num_labels, dtype=dtype)
     else:
       self.bert_cfg = BertConfig.from_dict(arch)
-      self.model = BertClassifier(self.bert_cfg, self.task.num_labels, dtype=dtype)
+      self.pooling = arch.get("pooling", "cls")
+      self.model = BertClassifier(self.bert_cfg, self.task.num_labels, dtype=dtype, pooling=self.pooling)
     self._apply = jax.jit(
       lambda p, b: self.model.apply({"params": p}, *(b[k] for k in ("input_ids", "attention_mask", "token_type_ids")))
     )
@@ -152,8 +153,11 @@ def main(argv):
   for r in predict_texts(p, lines) if lines else []:
     print(json.dumps(r))
   if _EXPORT.value:
-    if p.bert_cfg is None:
-      raise app.UsageError("--export_hf: only BERT runs export to a Hugging Face folder")
+    if p.bert_cfg is None or p.pooling != "cls":
+      raise app.UsageError(
+        "--export_hf: BertForSequenceClassification classifies the pooled [CLS]; this run uses "
+        f"{'a bag of embeddings' if p.bert_cfg is None else 'mean pooling'}, which it cannot express"
+      )
     id2label = None if p.task.is_regression else dict(enumerate(p.task.labels))
     problem = "regression" if p.task.is_regression else "single_label_classification"
     out = convert.save_hf_folder(

@@ -70,7 +70,7 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
   cfg = BertConfig(**(cfg.to_dict() | overrides))
   if cfg.vocab_size < vocab_size:
     raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
-  model = BertClassifier(cfg, num_labels, dtype=jnp.dtype(mc.dtype))
+  model = BertClassifier(cfg, num_labels, dtype=jnp.dtype(mc.dtype), pooling=mc.pooling)
   params = jax.jit(lambda r: model.init(r, ids, ids, ids, train=False))(rng)["params"]
   if mc.init_from:
     params = convert.merge_pretrained(params, encoder, heads, num_labels)
@@ -192,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   init_rng, dropout_rng = jax.random.split(rng)
   model, params, bert_cfg = build_model(config.model, task.num_labels, len(tokenizer), init_rng)
   if is_main:
-    arch = bert_cfg if isinstance(bert_cfg, dict) else {"arch": "bert", **bert_cfg.to_dict()}
+    arch = bert_cfg if isinstance(bert_cfg, dict) else {"arch": "bert", "pooling": config.model.pooling, **bert_cfg.to_dict()}
     (workdir / "model_config.json").write_text(json.dumps(arch, indent=2))
 
   # --- Optimizer ---------------------------------------------------------------------------

@@ -44,16 +44,24 @@ def tokenizer(minilm_dir):
   return transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
 
 
-@pytest.fixture
-def small_glue(tmp_path, glue_dir) -> Path:
-  """A GLUE folder with the first rows of the real SST-2 train/dev files (written to tmp)."""
-  src = glue_dir / "sst2"
-  dst = tmp_path / "glue" / "sst2"
+def _write_small_glue(root: Path, glue_dir: Path) -> Path:
+  """A GLUE folder with the first rows of the real SST-2 train/dev files."""
+  src, dst = glue_dir / "sst2", root / "glue" / "sst2"
   dst.mkdir(parents=True)
   for split, n in (("train", 97), ("dev", 41)):
     lines = (src / f"{split}.tsv").read_text().splitlines()[: n + 1]
     (dst / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-  return tmp_path / "glue"
+  return root / "glue"
+
+
+@pytest.fixture
+def small_glue(tmp_path, glue_dir) -> Path:
+  return _write_small_glue(tmp_path, glue_dir)
+
+
+@pytest.fixture(scope="module")
+def module_glue(tmp_path_factory, glue_dir) -> Path:
+  return _write_small_glue(tmp_path_factory.mktemp("module_glue"), glue_dir)
 
 
 def tiny_config(glue: Path, **overrides):

@@ -191,3 +191,17 @@ def test_export_loads_in_pytorch_with_same_logits(tmp_path):
   folder = convert.save_hf_folder(tmp_path / "e", params, cfg, num_labels=g.NUM_LABELS)
   _, enc, heads, _ = convert.load_hf_folder(str(folder))
   jax.tree.map(np.testing.assert_array_equal, convert.merge_pretrained(params, enc, heads, g.NUM_LABELS), params)
+
+
+def test_mean_pooling_head_reads_the_mean_of_real_tokens():
+  cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+  ids = jnp.array([[5, 6, 7, 0], [8, 9, 0, 0]], jnp.int32)
+  mask = (ids > 0).astype(jnp.int32)
+  cls_model = BertClassifier(cfg, num_labels=2)
+  mean_model = BertClassifier(cfg, num_labels=2, pooling="mean")
+  params = cls_model.init(jax.random.PRNGKey(0), ids, mask, mask * 0)["params"]
+  hidden, _ = BertEncoder(cfg).apply({"params": params["bert"]}, ids, mask, mask * 0, train=False)
+  want = mean_pool(hidden, mask) @ params["classifier"]["kernel"] + params["classifier"]["bias"]
+  got = mean_model.apply({"params": params}, ids, mask, mask * 0)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert not np.allclose(got, cls_model.apply({"params": params}, ids, mask, mask * 0))

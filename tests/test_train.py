@@ -59,12 +59,12 @@ _CHILD = textwrap.dedent("""
     from conftest import tiny_config
     from research import train, writers
 
-    kill_at = int(sys.argv[2])
+    kill_at, sig = int(sys.argv[2]), getattr(signal, sys.argv[4])
     original = writers.MetricWriter.write
     def write(self, step, split, metrics):
       original(self, step, split, metrics)
       if split == "train" and step == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final save: a real crash
+        os.kill(os.getpid(), sig)  # SIGKILL: a crash; SIGTERM: a preemption notice
     writers.MetricWriter.write = write
     config = tiny_config(Path(sys.argv[3]), num_train_steps=12, eval_every_steps=6, checkpoint_every_steps=3,
                          log_every_steps=1)
@@ -72,11 +72,11 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def _child(workdir, glue, kill_at=0):
+def _child(workdir, glue, kill_at=0, sig="SIGKILL"):
   script = _CHILD.format(tests=str(REPO / "tests"), repo=str(REPO))
   env = os.environ | {"HF_HUB_OFFLINE": "1"}
   return subprocess.run(
-    [sys.executable, "-c", script, str(workdir), str(kill_at), str(glue)],
+    [sys.executable, "-c", script, str(workdir), str(kill_at), str(glue), sig],
     env=env,
     capture_output=True,
     text=True,
@@ -84,16 +84,24 @@ def _child(workdir, glue, kill_at=0):
   )
 
 
-def test_sigkill_then_rerun_gives_identical_parameters(small_glue, tmp_path):
-  straight = _child(tmp_path / "straight", small_glue)
-  assert straight.returncode == 0, straight.stderr[-3000:]
+@pytest.fixture(scope="module")
+def straight_run(module_glue, tmp_path_factory):
+  """The uninterrupted 12-step run that killed and preempted runs must reproduce."""
+  wd = tmp_path_factory.mktemp("straight")
+  out = _child(wd, module_glue)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return _final_params(wd)
+
+
+def test_sigkill_then_rerun_gives_identical_parameters(module_glue, straight_run, tmp_path):
+  small_glue = module_glue
   killed = _child(tmp_path / "killed", small_glue, kill_at=8)
   assert killed.returncode == -9, killed.stderr[-3000:]
   assert _final_params(tmp_path / "killed")[0] < 12  # it really died mid-run
   resumed = _child(tmp_path / "killed", small_glue)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stderr
-  s1, p1 = _final_params(tmp_path / "straight")
+  s1, p1 = straight_run
   s2, p2 = _final_params(tmp_path / "killed")
   assert s1 == s2 == 12
   jax.tree.map(np.testing.assert_array_equal, p1, p2)
@@ -104,6 +112,20 @@ def test_sigkill_then_rerun_gives_identical_parameters(small_glue, tmp_path):
     if json.loads(r)["split"] == "train"
   ]
   assert steps == list(range(1, 13))
+
+
+def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(module_glue, straight_run, tmp_path):
+  small_glue = module_glue
+  stopped = _child(tmp_path / "pre", small_glue, kill_at=7, sig="SIGTERM")
+  assert stopped.returncode == 0, stopped.stderr[-3000:]  # a clean exit, not a crash
+  assert "preempted: saved step 7" in stopped.stderr
+  assert _final_params(tmp_path / "pre")[0] == 7
+  resumed = _child(tmp_path / "pre", small_glue)
+  assert resumed.returncode == 0 and "resumed from" in resumed.stderr
+  s1, p1 = straight_run
+  s2, p2 = _final_params(tmp_path / "pre")
+  assert s1 == s2 == 12
+  jax.tree.map(np.testing.assert_array_equal, p1, p2)
 
 
 def test_nan_stops_loudly_and_keeps_the_last_good_checkpoint(small_glue, tmp_path):

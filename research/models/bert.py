@@ -141,17 +141,27 @@ class BertEncoder(nn.Module):
 
 
 class BertClassifier(nn.Module):
-  """Sequence classification (C = num classes) or regression (C = 1) on the pooled [CLS]."""
+  """Sequence classification (C = num classes) or regression (C = 1).
+
+  `pooling="cls"` is BERT's (and HF `BertForSequenceClassification`'s): tanh(dense([CLS])).
+  `pooling="mean"` averages the real tokens' hidden states, which is what sentence-embedding
+  checkpoints such as all-MiniLM-L6-v2 were trained to make meaningful; their pooler is not.
+  """
 
   cfg: BertConfig
   num_labels: int
   dtype: Any = jnp.float32
+  pooling: str = "cls"
 
   @nn.compact
   def __call__(self, input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, *, train: bool = False):
-    _, pooled_BxH = BertEncoder(self.cfg, self.dtype, name="bert")(
+    hidden_BxLxH, pooled_BxH = BertEncoder(self.cfg, self.dtype, name="bert")(
       input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, train=train
     )
+    if self.pooling == "mean":
+      pooled_BxH = mean_pool(hidden_BxLxH.astype(jnp.float32), attention_mask_BxL).astype(self.dtype)
+    elif self.pooling != "cls":
+      raise ValueError(f"pooling={self.pooling!r}: expected 'cls' or 'mean'")
     pooled_BxH = nn.Dropout(self.cfg.hidden_dropout_prob)(pooled_BxH, deterministic=not train)
     logits_BxC = _dense(self.num_labels, self.cfg, self.dtype, "classifier")(pooled_BxH)
     return logits_BxC.astype(jnp.float32)
