@@ -201,7 +201,7 @@ def test_mean_pooling_head_reads_the_mean_of_real_tokens():
   mean_model = BertClassifier(cfg, num_labels=2, pooling="mean")
   params = cls_model.init(jax.random.PRNGKey(0), ids, mask, mask * 0)["params"]
   hidden, _ = BertEncoder(cfg).apply({"params": params["bert"]}, ids, mask, mask * 0, train=False)
-  want = mean_pool(hidden, mask) @ params["classifier"]["kernel"] + params["classifier"]["bias"]
+  want = mean_pool(hidden, mask) @ params["classifier"]["kernel"] + params["classifier"]["bias"][None, :]
   got = mean_model.apply({"params": params}, ids, mask, mask * 0)
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert not np.allclose(got, cls_model.apply({"params": params}, ids, mask, mask * 0))
