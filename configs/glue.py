@@ -73,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every_steps = 500
   c.checkpoint_every_steps = 500
   c.best_metric = ""  # "" = the task's main metric
+  c.early_stopping_patience = 0  # > 0: stop after this many evals without a new best
   c.progress = True
 
   c.num_devices = 0  # 0 = all

@@ -192,7 +192,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   init_rng, dropout_rng = jax.random.split(rng)
   model, params, bert_cfg = build_model(config.model, task.num_labels, len(tokenizer), init_rng)
   if is_main:
-    arch = bert_cfg if isinstance(bert_cfg, dict) else {"arch": "bert", "pooling": config.model.pooling, **bert_cfg.to_dict()}
+    arch = (
+      bert_cfg
+      if isinstance(bert_cfg, dict)
+      else {"arch": "bert", "pooling": config.model.pooling, **bert_cfg.to_dict()}
+    )
     (workdir / "model_config.json").write_text(json.dumps(arch, indent=2))
 
   # --- Optimizer ---------------------------------------------------------------------------
@@ -204,10 +208,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   state = parallel.replicate(steps.create_state(params, tx, dropout_rng), mesh)
   del params
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", best_metric=best_metric)
+  early_stop = {}
   config_dict = json.loads(config.to_json_best_effort())
   if ckpt.latest_step() is not None:
     state, data_state = ckpt.restore(ckpt.latest_step(), checkpoint.abstract(state))
     train_iter.set_state(data_state)
+    early_stop = data_state.get("early_stop", {})
     log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
   elif config.resume:
     other = checkpoint.Checkpointer(config.resume, best_metric=best_metric, read_only=True)
@@ -258,11 +264,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     return m
 
   def save(at: int, eval_metrics: dict | None = None):
-    ckpt.save(at, strategy.get_state(state), data_state, config_dict, metrics=eval_metrics)
+    extra = {"early_stop": {"best": best_value, "stale": stale}}
+    ckpt.save(at, strategy.get_state(state), data_state | extra, config_dict, metrics=eval_metrics)
 
+  # Early stopping: the best dev value and evals since, saved with the data position so every
+  # process resumes with the same count.
+  best_value, stale = early_stop.get("best"), early_stop.get("stale", 0)
+  stopped_early = (
+    bool(config.early_stopping_patience) and stale >= config.early_stopping_patience
+  )  # rerun of a stopped run
   pending = None  # the previous step's metrics, fetched one step late to keep the device busy
   try:
-    while step < total_steps:
+    while step < total_steps and not stopped_early:
       batch, next_data_state = next(batches)
       state, m = train_fn(state, batch)
       if pending is not None:
@@ -285,7 +298,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         dev_metrics, _ = evaluate(eval_fn, state, dev_enc, task, config, strategy)
         writer.write(step, config.eval_split, dev_metrics)
         log.info("step %d %s: %s", step, config.eval_split, _fmt(dev_metrics))
+        value = dev_metrics[best_metric]
+        best_value, stale = (value, 0) if best_value is None or value > best_value else (best_value, stale + 1)
         save(step, dev_metrics)
+        if config.early_stopping_patience and stale >= config.early_stopping_patience:
+          log.info("early stop at step %d: %s has not improved for %d evals", step, best_metric, stale)
+          stopped_early = True
+          break
       elif do_save or preempt.requested:
         save(step)
       if preempt.requested:
@@ -300,7 +319,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     preempt.restore()
 
   best = ckpt.best_step()
-  result = {"step": step, "final": dev_metrics, "best_step": best, "train_seconds": time.time() - t_start}
+  result = {
+    "step": step,
+    "final": dev_metrics,
+    "best_step": best,
+    "train_seconds": time.time() - t_start,
+    "stopped_early": stopped_early,
+  }
   if best is not None:
     best_metrics = _metrics_at(workdir, best, config.eval_split)
     result["best"] = best_metrics
@@ -329,13 +354,13 @@ def _fmt(m: dict) -> str:
   return " ".join(f"{k}={v:.4g}" for k, v in m.items())
 
 
+def _records(workdir: Path, split: str) -> list[dict]:
+  path = workdir / "metrics.jsonl"
+  if not path.exists() or jax.process_index() != 0:
+    return []
+  return [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == split]
+
+
 def _metrics_at(workdir: Path, step: int, split: str) -> dict:
   """The eval metrics logged at `step`, read back from metrics.jsonl."""
-  path = workdir / "metrics.jsonl"
-  found = {}
-  if path.exists():
-    for line in path.read_text().splitlines():
-      r = json.loads(line)
-      if r["step"] == step and r["split"] == split:
-        found = r
-  return found
+  return next((r for r in _records(workdir, split) if r["step"] == step), {})

@@ -239,3 +239,15 @@ def test_bag_of_embeddings_baseline_trains_and_predicts(small_glue, tmp_path):
   assert json.loads((tmp_path / "model_config.json").read_text())["arch"] == "bow"
   p = predict.Predictor(tmp_path, step="latest")
   assert predict.predict_split(p, "dev", tmp_path / "pred")["accuracy"] == result["final"]["accuracy"]
+
+
+def test_early_stopping_on_the_main_metric(small_glue, tmp_path):
+  # lr = 0: the dev metric never improves after the first eval.
+  c = tiny_config(
+    small_glue, **{"optimizer.lr": 0.0, "num_train_steps": 20, "eval_every_steps": 2, "early_stopping_patience": 2}
+  )
+  result = train.train_and_evaluate(c, tmp_path)
+  assert result["stopped_early"] and result["step"] == 6
+  assert result["best_step"] == 6  # all evals tie; Orbax ranks the later of equal checkpoints higher
+  again = train.train_and_evaluate(c, tmp_path)  # rerunning a stopped run does not train on
+  assert again["stopped_early"] and again["step"] == 6
