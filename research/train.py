@@ -47,7 +47,7 @@ def load_tokenizer(mc: ml_collections.ConfigDict):
 
 
 def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int, rng: jax.Array):
-  """Returns (module, params, architecture config): pretrained from `init_from`, else random."""
+  """Returns (module, params, architecture dict): pretrained from `init_from`, else random."""
   ids = jnp.zeros((1, 8), jnp.int32)
   if mc.arch == "bow":
     if mc.init_from:
@@ -74,7 +74,7 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
   params = jax.jit(lambda r: model.init(r, ids, ids, ids, train=False))(rng)["params"]
   if mc.init_from:
     params = convert.merge_pretrained(params, encoder, heads, num_labels)
-  return model, params, cfg
+  return model, params, {"arch": "bert", "pooling": mc.pooling, **cfg.to_dict()}
 
 
 def evaluate(eval_fn, state, enc: pipeline.Encoded, task: tasks.Task, config, strategy) -> tuple[dict, np.ndarray]:
@@ -190,13 +190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   # --- Model + params ----------------------------------------------------------------------
   rng = jax.random.PRNGKey(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  model, params, bert_cfg = build_model(config.model, task.num_labels, len(tokenizer), init_rng)
-  if is_main:
-    arch = (
-      bert_cfg
-      if isinstance(bert_cfg, dict)
-      else {"arch": "bert", "pooling": config.model.pooling, **bert_cfg.to_dict()}
-    )
+  model, params, arch = build_model(config.model, task.num_labels, len(tokenizer), init_rng)
+  if is_main:  # what predict.py rebuilds the model from
     (workdir / "model_config.json").write_text(json.dumps(arch, indent=2))
 
   # --- Optimizer ---------------------------------------------------------------------------
