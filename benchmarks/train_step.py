@@ -56,7 +56,7 @@ def _time(step, warmup: int, steps: int) -> list[float]:
 # --- workers (each runs in its own process) ------------------------------------------------
 
 
-def worker_jax(shape: str, batch: int, seq: int, warmup: int, steps: int, dtype: str) -> dict:
+def worker_jax(shape: str, batch: int, seq: int, warmup: int, steps: int, dtype: str, rng_impl: str) -> dict:
   sys.path.insert(0, str(REPO))
   import functools
 
@@ -86,9 +86,13 @@ def worker_jax(shape: str, batch: int, seq: int, warmup: int, steps: int, dtype:
   oc = glue.get_config().optimizer
   tx, schedule = optim.make_optimizer(oc, params, 1000)
   mesh = parallel.make_mesh(1)
-  state = parallel.replicate(steps_lib.create_state(params, tx, jax.random.PRNGKey(1)), mesh)
+  rng = jax.random.key_data(jax.random.key(1, impl=rng_impl))
+  state = parallel.replicate(steps_lib.create_state(params, tx, rng), mesh)
   fn = parallel.compile_train_step(
-    functools.partial(steps_lib.train_step, model=model, loss_fn=losses.softmax_xent, tx=tx, schedule=schedule), mesh
+    functools.partial(
+      steps_lib.train_step, model=model, loss_fn=losses.softmax_xent, tx=tx, schedule=schedule, rng_impl=rng_impl
+    ),
+    mesh,
   )
   b = parallel.to_global(data, mesh)
   t0 = time.perf_counter()
@@ -104,7 +108,7 @@ def worker_jax(shape: str, batch: int, seq: int, warmup: int, steps: int, dtype:
 
   times = _time(step, warmup, steps)
   return {
-    "framework": f"ours (jax {jax.__version__}, {dtype})",
+    "framework": f"ours (jax {jax.__version__}, {dtype}, {rng_impl} dropout)",
     "times": times,
     "compile_s": compile_s,
     "xla_flops": float(cost.get("flops", 0.0)) if cost else 0.0,
@@ -191,6 +195,8 @@ def run_worker(python: str, kind: str, args, shape: str, dtype: str = "float32")
     str(args.steps),
     "--dtype",
     dtype,
+    "--rng-impl",
+    args.rng_impl,
   ]
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if out.returncode:
@@ -206,6 +212,7 @@ def main() -> None:
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--dtype", default="float32", help="our compute dtype (params stay fp32)")
+  p.add_argument("--rng-impl", default="threefry2x32", help="our dropout bits: threefry2x32 | rbg")
   p.add_argument("--torch-python", default=None, help="python with torch + transformers (else a venv is made)")
   p.add_argument("--skip-torch", action="store_true")
   p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
@@ -214,7 +221,7 @@ def main() -> None:
   if args.worker:
     shape = args.shapes[0]
     if args.worker == "jax":
-      r = worker_jax(shape, args.batch, args.seq, args.warmup, args.steps, args.dtype)
+      r = worker_jax(shape, args.batch, args.seq, args.warmup, args.steps, args.dtype, args.rng_impl)
     else:
       r = worker_torch(shape, args.batch, args.seq, args.warmup, args.steps)
     print(json.dumps(r))

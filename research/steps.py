@@ -25,7 +25,7 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-  rng: jax.Array  # base key; each step folds in its own step number
+  rng: jax.Array  # raw key data; each step folds in its own step number
 
 
 def create_state(params, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -55,6 +55,7 @@ def train_step(
   grad_accum: int = 1,
   loss_kwargs: dict | None = None,
   reduce: Callable = lambda tree: tree,
+  rng_impl: str = "threefry2x32",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a (global) batch, optionally in `grad_accum` micro-batches.
 
@@ -66,7 +67,8 @@ def train_step(
   so the host can stop before anything bad is saved.
   """
   loss_kwargs = loss_kwargs or {}
-  rng = jax.random.fold_in(state.rng, state.step)  # resume-exact dropout
+  key = jax.random.wrap_key_data(state.rng, impl=rng_impl)
+  rng = jax.random.fold_in(key, state.step)  # resume-exact dropout
 
   def loss_and_aux(params, micro, micro_rng):
     logits = _forward(params, micro, micro_rng, model=model, train=True)

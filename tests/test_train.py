@@ -251,3 +251,13 @@ def test_early_stopping_on_the_main_metric(small_glue, tmp_path):
   assert result["best_step"] == 6  # all evals tie; Orbax ranks the later of equal checkpoints higher
   again = train.train_and_evaluate(c, tmp_path)  # rerunning a stopped run does not train on
   assert again["stopped_early"] and again["step"] == 6
+
+
+def test_rbg_dropout_bits_train_deterministically(small_glue, tmp_path):
+  c = tiny_config(small_glue, rng_impl="rbg", num_train_steps=4)
+  a = train.train_and_evaluate(c, tmp_path / "a")
+  b = train.train_and_evaluate(c, tmp_path / "b")
+  assert a["final"] == b["final"]
+  jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "a")[1], _final_params(tmp_path / "b")[1])
+  with pytest.raises(ValueError, match="parallel='jit' only"):
+    train.train_and_evaluate(tiny_config(small_glue, rng_impl="rbg", parallel="pmap"), tmp_path / "c")
