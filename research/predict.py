@@ -63,7 +63,14 @@ class Predictor:
     self.step, state, _ = checkpoint.restore_on_host(ckpt_dir, chosen)
     self.params = state["params"]
     # The architecture the run trained (written by train.py), so no pretrained folder is needed.
-    arch = json.loads((self.workdir / "model_config.json").read_text())
+    arch_path = self.workdir / "model_config.json"
+    if arch_path.exists():
+      arch = json.loads(arch_path.read_text())
+    elif self.config.model.init_from:  # workdirs from before model_config.json was written
+      bert = convert.read_config(convert.resolve_pretrained(self.config.model.init_from))
+      arch = {"arch": "bert", "pooling": self.config.model.get("pooling", "cls"), **bert.to_dict()}
+    else:
+      raise FileNotFoundError(f"{arch_path}: missing; cannot rebuild the model")
     dtype = jnp.dtype(self.config.model.dtype)
     if arch.get("arch") == "bow":
       self.bert_cfg, self.pooling = None, None
