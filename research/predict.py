@@ -27,6 +27,7 @@ from research.data import pipeline, sources, tasks
 from research.models import convert
 from research.models.bert import BertClassifier, BertConfig
 from research.models.bow import BagOfEmbeddings
+from research.steps import MODEL_INPUTS
 from research.train import load_tokenizer
 
 # GLUE leaderboard file names per task (MNLI has two).
@@ -79,9 +80,7 @@ class Predictor:
       self.bert_cfg = BertConfig.from_dict(arch)
       self.pooling = arch.get("pooling", "cls")
       self.model = BertClassifier(self.bert_cfg, self.task.num_labels, dtype=dtype, pooling=self.pooling)
-    self._apply = jax.jit(
-      lambda p, b: self.model.apply({"params": p}, *(b[k] for k in ("input_ids", "attention_mask", "token_type_ids")))
-    )
+    self._apply = jax.jit(lambda p, b: self.model.apply({"params": p}, *(b[k] for k in MODEL_INPUTS)))
 
   def logits(self, examples: sources.Examples, batch_size: int = 64) -> np.ndarray:
     enc = pipeline.encode(examples, self.tokenizer, self.config.data.max_length)

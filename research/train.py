@@ -202,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   # --- Optimizer ---------------------------------------------------------------------------
   tx, schedule = optim.make_optimizer(config.optimizer, params, total_steps)
   n_params = count_params(params)
-  log.info("model %s: %.2fM parameters (%.2fM trainable)", config.model.name, n_params / 1e6, n_params / 1e6)
+  log.info("model %s: %.2fM parameters, all trained (full fine-tuning)", config.model.name, n_params / 1e6)
 
   # --- State, sharded; then restore by precedence -------------------------------------------
   state = parallel.replicate(steps.create_state(params, tx, dropout_rng), mesh)
