@@ -47,7 +47,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = common.model_config(a.model)
 
   c.loss = ""  # "" = the task's default (softmax_xent, or mse for STS-B); see research/losses.py
-  c.loss_kwargs = dict(smoothing=0.1, gamma=2.0, delta=1.0, class_weights=())
+  c.loss_kwargs = dict(smoothing=0.1, gamma=2.0, delta=1.0, class_weights=(), temperature=2.0, alpha=0.5)
+  # Knowledge distillation (loss="distill"): the teacher is a training workdir of this
+  # codebase (its best checkpoint scores the train set once, before training).
+  c.teacher = ""
+
+  # Which parameters train (research/finetune.py): full | frozen | top_k | bitfit | lora.
+  c.finetune = dict(strategy="full", top_k=2, lora_rank=8, lora_alpha=16.0, lora_targets=("query", "value"))
 
   # BERT paper recipe: AdamW, lr in {2,3,5}e-5, batch 32, 10% warmup then linear decay.
   c.optimizer = dict(
@@ -64,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     end_lr_ratio=0.0,
     clip_norm=1.0,
     grad_accum=1,  # micro-batches per step (batch_size is the global batch)
+    layer_decay=1.0,  # < 1: layer-wise lr decay, lr * decay ** (depth from the top)
   )
   c.batch_size = 32
   c.eval_batch_size = 64

@@ -56,6 +56,25 @@ def huber(*, logits, labels, weights, delta: float = 1.0, **_):
   return (per_ex * weights).sum(), weights.sum()
 
 
+def distill(*, logits, labels, weights, teacher_logits=None, temperature: float = 2.0, alpha: float = 0.5, **_):
+  """Knowledge distillation (Hinton et al. 2015), per example:
+
+      alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(labels)
+
+  T^2 keeps the soft term's gradient scale independent of T. `teacher_logits` (BxC) come in
+  the batch (train.py scores the train set with the teacher once, before training). Without
+  them (dev batches) the loss is the hard-label cross-entropy, so dev losses stay comparable.
+  """
+  hard = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if teacher_logits is None:
+    return (hard * weights).sum(), weights.sum()
+  t = temperature
+  p_teacher = jax.nn.softmax(teacher_logits / t)
+  kl = (p_teacher * (jax.nn.log_softmax(teacher_logits / t) - jax.nn.log_softmax(logits / t))).sum(-1)
+  per_ex = alpha * t**2 * kl + (1.0 - alpha) * hard
+  return (per_ex * weights).sum(), weights.sum()
+
+
 LOSSES: dict[str, LossFn] = {
   "softmax_xent": softmax_xent,
   "label_smoothing": label_smoothing,
@@ -63,6 +82,7 @@ LOSSES: dict[str, LossFn] = {
   "focal": focal,
   "mse": mse,
   "huber": huber,
+  "distill": distill,
 }
 
 

@@ -2,6 +2,10 @@
 
 `make_optimizer(cfg, params, total_steps)` returns (optax transformation, lr schedule).
 Weight decay is a mask over parameter paths: biases and LayerNorm parameters are not decayed.
+Layer-wise lr decay (`layer_decay` < 1, Clark et al. 2020) scales each update by
+`layer_decay ** depth-from-top`: the head and pooler 1, the top layer `d`, ..., embeddings
+`d ** (L + 1)`. Scaling the final update is scaling the learning rate, for every optimizer here.
+`params` is the trainable part only (finetune.py), so frozen parameters get no state.
 """
 
 from __future__ import annotations
@@ -9,8 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import flax
+import jax
 import ml_collections
 import optax
+
+from research import finetune
 
 
 def _adamw(lr, c, mask):
@@ -68,8 +75,31 @@ def decay_mask(params) -> dict:
   )
 
 
+def layer_lr_scales(params, decay: float, layers: int) -> dict:
+  """A tree like `params` of lr multipliers: decay ** (L + 1 - depth); embeddings are depth 0."""
+  flat = flax.traverse_util.flatten_dict(params)
+
+  def depth(path) -> int:
+    i = finetune._layer_index(path)
+    if i is not None:
+      return i + 1
+    return 0 if any(p.endswith("embed") or p == "embed_norm" for p in path) else layers + 1
+
+  return flax.traverse_util.unflatten_dict({p: decay ** (layers + 1 - depth(p)) for p in flat})
+
+
+def scale_by_tree(scales) -> optax.GradientTransformation:
+  """Multiply each update by a fixed per-parameter constant."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * s, updates, scales), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(
-  c: ml_collections.ConfigDict, params, total_steps: int
+  c: ml_collections.ConfigDict, params, total_steps: int, layers: int | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   if c.name not in OPTIMIZERS:
     raise KeyError(f"config.optimizer.name={c.name!r}: expected one of {', '.join(OPTIMIZERS)}")
@@ -77,4 +107,10 @@ def make_optimizer(
   tx = OPTIMIZERS[c.name](schedule, c, decay_mask(params))
   if c.clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), tx)
+  decay = c.get("layer_decay", 1.0)
+  if decay != 1.0:
+    if not 0.0 < decay < 1.0:
+      raise ValueError(f"config.optimizer.layer_decay={decay}: expected 0 < decay <= 1")
+    layers = finetune.num_layers(params) if layers is None else layers
+    tx = optax.chain(tx, scale_by_tree(layer_lr_scales(params, decay, layers)))
   return tx, schedule

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from research import checkpoint, metrics
+from research import checkpoint, finetune, metrics
 from research.data import pipeline, sources, tasks
 from research.models import convert
 from research.models.bert import BertClassifier, BertConfig
@@ -78,6 +78,9 @@ class Predictor:
       self.model = BagOfEmbeddings(arch["vocab_size"], arch["hidden_size"], self.task.num_labels, dtype=dtype)
     else:
       self.bert_cfg = BertConfig.from_dict(arch)
+      if self.bert_cfg.lora_rank:  # fold the adapters in: a plain BERT from here on
+        self.params = finetune.merge_lora(self.params, self.bert_cfg.lora_alpha, self.bert_cfg.lora_rank)
+        self.bert_cfg = self.bert_cfg.without_lora()
       self.pooling = arch.get("pooling", "cls")
       self.model = BertClassifier(self.bert_cfg, self.task.num_labels, dtype=dtype, pooling=self.pooling)
     self._apply = jax.jit(lambda p, b: self.model.apply({"params": p}, *(b[k] for k in MODEL_INPUTS)))

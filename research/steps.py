@@ -15,27 +15,36 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from research import finetune
 from research.losses import LossFn
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# Batch fields that are neither model inputs nor labels/weights go to the loss as keywords
+# (e.g. `teacher_logits` for distillation).
+_NOT_LOSS_INPUTS = (*MODEL_INPUTS, "labels", "weights")
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
   params: Any
-  opt_state: Any
+  opt_state: Any  # over the trainable parameters only (see finetune.py)
   rng: jax.Array  # raw key data; each step folds in its own step number
 
 
-def create_state(params, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+def create_state(params, tx: optax.GradientTransformation, rng: jax.Array, mask=None) -> TrainState:
+  """`mask` (a tree of bools, finetune.trainable_mask) selects what trains; None = everything."""
+  trainable = params if mask is None else finetune.partition(params, mask)[0]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable), rng=rng)
 
 
 def _forward(params, batch, rng, *, model: nn.Module, train: bool):
-  return model.apply(
-    {"params": params}, *(batch[k] for k in MODEL_INPUTS), train=train, rngs={"dropout": rng} if train else None
-  )
+  inputs = (batch[k] for k in MODEL_INPUTS if k in batch)  # a decoder LM takes input_ids only
+  return model.apply({"params": params}, *inputs, train=train, rngs={"dropout": rng} if train else None)
+
+
+def _loss_extras(batch) -> dict:
+  return {k: v for k, v in batch.items() if k not in _NOT_LOSS_INPUTS}
 
 
 def _correct(logits_BxC, labels_B, weights_B) -> jax.Array:
@@ -56,6 +65,7 @@ def train_step(
   loss_kwargs: dict | None = None,
   reduce: Callable = lambda tree: tree,
   rng_impl: str = "threefry2x32",
+  mask=None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a (global) batch, optionally in `grad_accum` micro-batches.
 
@@ -64,20 +74,28 @@ def train_step(
   `reduce` sums over devices where the step sees only its shard (`pmap`: a psum);
   under `jit` the batch is global and it is the identity. A
   non-finite loss or gradient leaves the state unchanged and reports `nonfinite = 1`,
-  so the host can stop before anything bad is saved.
+  so the host can stop before anything bad is saved. Only the parameters `mask` marks
+  trainable are differentiated and updated; the rest are constants of the step.
   """
   loss_kwargs = loss_kwargs or {}
   key = jax.random.wrap_key_data(state.rng, impl=rng_impl)
   rng = jax.random.fold_in(key, state.step)  # resume-exact dropout
+  if mask is None:
+    trainable, frozen = state.params, {}
+  else:
+    trainable, frozen = finetune.partition(state.params, mask)
 
-  def loss_and_aux(params, micro, micro_rng):
+  def loss_and_aux(train_params, micro, micro_rng):
+    params = train_params if mask is None else finetune.combine(train_params, frozen)
     logits = _forward(params, micro, micro_rng, model=model, train=True)
-    loss_sum, count = loss_fn(logits=logits, labels=micro["labels"], weights=micro["weights"], **loss_kwargs)
+    loss_sum, count = loss_fn(
+      logits=logits, labels=micro["labels"], weights=micro["weights"], **_loss_extras(micro), **loss_kwargs
+    )
     return loss_sum, (count, _correct(logits, micro["labels"], micro["weights"]))
 
   grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
   if grad_accum == 1:
-    (loss_sum, (count, correct)), grads = grad_fn(state.params, batch, rng)
+    (loss_sum, (count, correct)), grads = grad_fn(trainable, batch, rng)
   else:
     # Row i*M + m goes to micro-batch m: each device keeps its own rows, no resharding.
     def split(x):
@@ -87,18 +105,20 @@ def train_step(
 
     def accumulate(carry, xs):
       micro, i = xs
-      (loss, (c, k)), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+      (loss, (c, k)), g = grad_fn(trainable, micro, jax.random.fold_in(rng, i))
       acc_g, acc_l, acc_c, acc_k = carry
       return (jax.tree.map(jnp.add, acc_g, g), acc_l + loss, acc_c + c, acc_k + k), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
     init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
     (grads, loss_sum, count, correct), _ = jax.lax.scan(accumulate, init, (micro_batches, jnp.arange(grad_accum)))
 
   grads, loss_sum, count, correct = reduce((grads, loss_sum, count, correct))
   grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  params = optax.apply_updates(trainable, updates)
+  if mask is not None:
+    params = finetune.combine(params, frozen)
 
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
@@ -127,9 +147,15 @@ def eval_step(
   loss_fn: LossFn,
   loss_kwargs: dict | None = None,
   reduce: Callable = lambda tree: tree,
+  return_logits: bool = True,
 ) -> dict[str, jax.Array]:
-  """Loss sums plus the logits of every row; padded rows (weight 0) are dropped on the host."""
+  """Loss sums (and correct counts) plus, for classification, the logits of every row;
+  padded rows (weight 0) are dropped on the host. Language models set `return_logits=False`."""
   logits = _forward(params, batch, None, model=model, train=False)
-  loss_sum, count = loss_fn(logits=logits, labels=batch["labels"], weights=batch["weights"], **(loss_kwargs or {}))
-  loss_sum, count = reduce((loss_sum, count))
-  return {"loss_sum": loss_sum, "count": count, "logits": logits}
+  loss_sum, count = loss_fn(
+    logits=logits, labels=batch["labels"], weights=batch["weights"], **_loss_extras(batch), **(loss_kwargs or {})
+  )
+  correct = _correct(logits, batch["labels"], batch["weights"])
+  loss_sum, count, correct = reduce((loss_sum, count, correct))
+  out = {"loss_sum": loss_sum, "count": count, "correct": correct}
+  return out | {"logits": logits} if return_logits else out

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import transformers
 
-from research import checkpoint, losses, metrics, optim, parallel, steps, writers
+from research import checkpoint, finetune, losses, metrics, optim, parallel, steps, writers
 from research.data import pipeline, sources, tasks
 from research.models import convert
 from research.models.bert import BertClassifier, BertConfig
@@ -46,8 +46,10 @@ def load_tokenizer(mc: ml_collections.ConfigDict):
   return tok
 
 
-def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int, rng: jax.Array):
-  """Returns (module, params, architecture dict): pretrained from `init_from`, else random."""
+def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int, rng: jax.Array, ft=None):
+  """Returns (module, params, architecture dict): pretrained from `init_from`, else random.
+
+  `ft` (config.finetune) adds LoRA adapters when its strategy is "lora"."""
   ids = jnp.zeros((1, 8), jnp.int32)
   if mc.arch == "bow":
     if mc.init_from:
@@ -67,6 +69,8 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
       max_position_embeddings=mc.max_position_embeddings,
     )
   overrides = {k: mc[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if mc[k] >= 0}
+  if ft is not None and ft.strategy == "lora":
+    overrides |= {"lora_rank": ft.lora_rank, "lora_alpha": ft.lora_alpha, "lora_targets": tuple(ft.lora_targets)}
   cfg = BertConfig(**(cfg.to_dict() | overrides))
   if cfg.vocab_size < vocab_size:
     raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
@@ -101,8 +105,17 @@ def evaluate(eval_fn, state, enc: pipeline.Encoded, task: tasks.Task, config, st
   return {"loss": loss_sum / max(count, 1.0), **m, "examples": float(len(enc))}, logits_all
 
 
-def count_params(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+def teacher_logits(config, train_ex, task) -> np.ndarray:
+  """Score the train set once with the teacher run's best checkpoint (for loss="distill")."""
+  from research.predict import Predictor  # predict imports this module
+
+  if not config.teacher:
+    raise ValueError("config.loss='distill' needs config.teacher: a training workdir of this codebase")
+  teacher = Predictor(config.teacher)
+  if teacher.task.name != task.name:
+    raise ValueError(f"config.teacher={config.teacher!r} was trained on {teacher.task.name}, not {task.name}")
+  log.info("scoring %d train examples with teacher %s (step %d)", len(train_ex), config.teacher, teacher.step)
+  return teacher.logits(train_ex)
 
 
 class _Preemption:
@@ -195,17 +208,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if config.rng_impl != "threefry2x32" and config.parallel == "pmap":
     raise ValueError(f"config.rng_impl={config.rng_impl!r} is supported with parallel='jit' only")
   dropout_rng = jax.random.key_data(jax.random.key(config.seed + 1, impl=config.rng_impl))
-  model, params, arch = build_model(config.model, task.num_labels, len(tokenizer), init_rng)
+  model, params, arch = build_model(config.model, task.num_labels, len(tokenizer), init_rng, config.finetune)
   if is_main:  # what predict.py rebuilds the model from
     (workdir / "model_config.json").write_text(json.dumps(arch, indent=2))
+  if config.loss == "distill":
+    train_enc.extras["teacher_logits"] = teacher_logits(config, train_ex, task)
 
-  # --- Optimizer ---------------------------------------------------------------------------
-  tx, schedule = optim.make_optimizer(config.optimizer, params, total_steps)
-  n_params = count_params(params)
-  log.info("model %s: %.2fM parameters, all trained (full fine-tuning)", config.model.name, n_params / 1e6)
+  # --- What trains, and the optimizer over it ------------------------------------------------
+  ft = config.finetune
+  mask = finetune.trainable_mask(params, ft.strategy, ft.top_k)
+  trainable = finetune.partition(params, mask)[0]
+  tx, schedule = optim.make_optimizer(config.optimizer, trainable, total_steps, layers=finetune.num_layers(params))
+  param_counts = {"trainable_params": finetune.count(trainable), "total_params": finetune.count(params)}
+  log.info(
+    "model %s, fine-tuning %s: %s of %s parameters trained (%.2f%%)",
+    config.model.name,
+    ft.strategy,
+    f"{param_counts['trainable_params']:,}",
+    f"{param_counts['total_params']:,}",
+    100 * param_counts["trainable_params"] / param_counts["total_params"],
+  )
+  del trainable
 
   # --- State, sharded; then restore by precedence -------------------------------------------
-  state = parallel.replicate(steps.create_state(params, tx, dropout_rng), mesh)
+  state = parallel.replicate(steps.create_state(params, tx, dropout_rng, mask), mesh)
   del params
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", best_metric=best_metric)
   early_stop = {}
@@ -235,6 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       grad_accum=config.optimizer.grad_accum,
       loss_kwargs=loss_kwargs,
       rng_impl=config.rng_impl,
+      mask=mask,
     ),
     donate=config.donate,
   )
@@ -326,6 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     "best_step": best,
     "train_seconds": time.time() - t_start,
     "stopped_early": stopped_early,
+    **param_counts,
   }
   if best is not None:
     best_metrics = _metrics_at(workdir, best, config.eval_split)
@@ -333,6 +361,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     log.info(
       "best %s %s=%.4f at step %d", config.eval_split, best_metric, best_metrics.get(best_metric, float("nan")), best
     )
+  if is_main:  # a finished run's record; sweep.py skips runs that have one
+    (workdir / "summary.json").write_text(json.dumps(result, indent=2))
   return result
 
 

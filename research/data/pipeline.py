@@ -26,6 +26,8 @@ class Encoded:
   token_type_ids: list[np.ndarray]
   lengths: np.ndarray  # int32 [N]
   labels: np.ndarray  # [N]
+  # Per-example arrays [N, ...] batched beside the labels, e.g. `teacher_logits`.
+  extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
     return len(self.lengths)
@@ -62,7 +64,11 @@ def collate(enc: Encoded, idx: np.ndarray, rows: int, buckets: list[int]) -> dic
     ids[r, :n], types[r, :n], mask[r, :n] = enc.input_ids[i], enc.token_type_ids[i], 1
   labels[: len(idx)] = enc.labels[idx]
   weights[: len(idx)] = 1.0
-  return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": labels, "weights": weights}
+  batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": labels, "weights": weights}
+  for k, v in enc.extras.items():
+    batch[k] = np.zeros((rows, *v.shape[1:]), v.dtype)
+    batch[k][: len(idx)] = v[idx]
+  return batch
 
 
 def epoch_plan(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, sort_window: int) -> list[np.ndarray]:

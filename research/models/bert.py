@@ -34,14 +34,25 @@ class BertConfig:
   initializer_range: float = 0.02
   layer_norm_eps: float = 1e-12
   pad_token_id: int = 0
+  # LoRA (Hu et al. 2021) on the named projections; 0 = off. Not part of HF's config:
+  # `finetune.merge_lora` folds the adapters into the kernels for export and inference.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ("query", "value")
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> BertConfig:
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+    kw = {k: v for k, v in d.items() if k in names}
+    if "lora_targets" in kw:  # a list once it has been through JSON
+      kw["lora_targets"] = tuple(kw["lora_targets"])
+    return cls(**kw)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+  def without_lora(self) -> BertConfig:
+    return dataclasses.replace(self, lora_rank=0)
 
 
 # HF's "gelu" is the exact erf form; "gelu_new"/"gelu_pytorch_tanh" the tanh one.
@@ -53,13 +64,36 @@ _ACTIVATIONS = {
 }
 
 
-def _dense(features: int, cfg: BertConfig, dtype: Any, name: str) -> nn.Dense:
-  return nn.Dense(
-    features,
-    dtype=dtype,
-    kernel_init=nn.initializers.normal(cfg.initializer_range),
-    name=name,
-  )
+class LoraDense(nn.Module):
+  """y = x W + b + (alpha / r) (x A) B: W frozen, A (in x r) and B (r x out) trained.
+
+  B starts at zero, so training starts from the pretrained function. The parameters sit
+  beside `kernel`/`bias` at the same path, so pretrained weights load unchanged.
+  """
+
+  features: int
+  rank: int
+  alpha: float
+  dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x_BxLxI):
+    fan_in = x_BxLxI.shape[-1]
+    kernel_IxO = self.param("kernel", self.kernel_init, (fan_in, self.features))
+    bias_O = self.param("bias", nn.initializers.zeros, (self.features,))
+    a_IxR = self.param("lora_a", nn.initializers.normal(1.0 / fan_in**0.5), (fan_in, self.rank))
+    b_RxO = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features))
+    x = x_BxLxI.astype(self.dtype)
+    y = x @ kernel_IxO.astype(self.dtype) + bias_O.astype(self.dtype)[None, None, :]
+    return y + (self.alpha / self.rank) * ((x @ a_IxR.astype(self.dtype)) @ b_RxO.astype(self.dtype))
+
+
+def _dense(features: int, cfg: BertConfig, dtype: Any, name: str) -> nn.Module:
+  init = nn.initializers.normal(cfg.initializer_range)
+  if cfg.lora_rank and name in cfg.lora_targets:
+    return LoraDense(features, cfg.lora_rank, cfg.lora_alpha, dtype=dtype, kernel_init=init, name=name)
+  return nn.Dense(features, dtype=dtype, kernel_init=init, name=name)
 
 
 def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:

@@ -264,7 +264,9 @@ def save_hf_folder(
 
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  hf_cfg = cfg.to_dict() | {
+  if cfg.lora_rank:
+    raise ValueError("merge the LoRA adapters first (finetune.merge_lora); HF BERT has no place for them")
+  hf_cfg = {k: v for k, v in cfg.to_dict().items() if not k.startswith("lora_")} | {
     "model_type": "bert",
     "architectures": ["BertForSequenceClassification"],
     "num_labels": num_labels,

@@ -1,0 +1,72 @@
+"""The sweep runner: runs override dicts x seeds, skips finished runs, writes tables and plots."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from research import sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+CONFIG = '''
+"""Tiny sweep for the tests."""
+import os
+from configs import glue
+
+def get_config(arg=None):
+  c = glue.get_config("task=sst2,model=tiny")
+  c.unlock()
+  c.data.glue_dir = os.environ["SWEEP_TEST_GLUE"]
+  c.data.buckets, c.data.max_length = (16, 32), 32
+  c.batch_size = c.eval_batch_size = 16
+  c.num_train_steps, c.eval_every_steps, c.log_every_steps = 6, 3, 3
+  c.lock()
+  return c
+
+def sweep():
+  return [{"optimizer.lr": 1e-3}, {"_name": "sgd", "optimizer.name": "sgd", "optimizer.lr": 0.1}]
+'''
+
+
+def _sweep(cfg: Path, root: Path, *flags: str) -> subprocess.CompletedProcess:
+  cmd = [sys.executable, "-m", "research.sweep", f"--config={cfg}", f"--workdir={root}", "--seeds=0,1", *flags]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_sweep_runs_skips_and_aggregates(small_glue, tmp_path):
+  cfg = tmp_path / "tiny_sweep.py"
+  cfg.write_text(CONFIG)
+  os.environ["SWEEP_TEST_GLUE"] = str(small_glue)
+  root = tmp_path / "sweep"
+  printed = _sweep(cfg, root, "--print_commands")
+  assert printed.returncode == 0, printed.stderr
+  lines = printed.stdout.splitlines()
+  assert len(lines) == 4 and "--config.optimizer.name=sgd" in lines[2] and "--config.seed=1" in lines[1]
+  assert "_name" not in printed.stdout
+
+  done = _sweep(cfg, root)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "4 runs to go" in done.stderr
+  for f in ("results.md", "results.csv", "bars.png", "curves.png"):
+    assert (root / f).stat().st_size > 0
+  rows = list(csv.DictReader(open(root / "results.csv")))
+  assert [(r["setting"], r["seed"]) for r in rows] == [("lr=0.001", "0"), ("lr=0.001", "1"), ("sgd", "0"), ("sgd", "1")]
+  assert all(r["steps"] == "6" and 0 <= float(r["final"]) <= 1 for r in rows)
+  table = (root / "results.md").read_text()
+  assert "| `sgd` | 2 |" in table and "python -m research.sweep" in table
+  # Finished runs are skipped: a rerun trains nothing and rewrites the same table.
+  again = _sweep(cfg, root)
+  assert again.returncode == 0 and "0 runs to go" in again.stderr
+  assert (root / "results.md").read_text() == table
+
+
+def test_sweep_typo_is_named(tmp_path):
+  cfg = tmp_path / "bad_sweep.py"
+  cfg.write_text(CONFIG.replace('"optimizer.name": "sgd"', '"optimizer.nmae": "sgd"'))
+  os.environ.setdefault("SWEEP_TEST_GLUE", "/nonexistent")
+  with pytest.raises(KeyError, match=r"sweep\(\)\[1\] overrides unknown config key 'optimizer.nmae'"):
+    sweep.load_sweep(str(cfg))
