@@ -53,7 +53,7 @@ def test_sweep_runs_skips_and_aggregates(small_glue, tmp_path):
   assert "4 runs to go" in done.stderr
   for f in ("results.md", "results.csv", "bars.png", "curves.png"):
     assert (root / f).stat().st_size > 0
-  rows = list(csv.DictReader(open(root / "results.csv")))
+  rows = list(csv.DictReader((root / "results.csv").read_text().splitlines()))
   assert [(r["setting"], r["seed"]) for r in rows] == [("lr=0.001", "0"), ("lr=0.001", "1"), ("sgd", "0"), ("sgd", "1")]
   assert all(r["steps"] == "6" and 0 <= float(r["final"]) <= 1 for r in rows)
   table = (root / "results.md").read_text()
