@@ -23,8 +23,16 @@ _CACHE = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+# XLA:CPU fuses dots and reductions into YNNPACK kernels with this; small shapes train up to
+# 1.3x faster (a 0.8M-parameter GPT step: 49 -> 38 ms) and BERT shapes are unchanged
+# (benchmarks/train_step.py). Set before the backend starts; a user's own XLA_FLAGS win.
+_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
+
+
 def main(argv):
   del argv
+  if "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _CPU_FLAGS).strip()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s] %(message)s")
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -8,12 +8,15 @@ idea does not fit the seams (model, loss, optimizer), fork this file into `proje
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +25,16 @@ import numpy as np
 import transformers
 
 from research import checkpoint, finetune, losses, metrics, optim, parallel, steps, writers
-from research.data import pipeline, sources, tasks
+from research.data import lm, pipeline, sources, tasks
 from research.models import convert
 from research.models.bert import BertClassifier, BertConfig
 from research.models.bow import BagOfEmbeddings
+from research.models.gpt import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
+
+LM_TASKS = ("lm",)  # causal language modeling on a text corpus (configs/pretrain_lm.py)
+LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 # ---------------------------------------------------------------------------------------
@@ -51,6 +58,20 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
 
   `ft` (config.finetune) adds LoRA adapters when its strategy is "lora"."""
   ids = jnp.zeros((1, 8), jnp.int32)
+  if mc.arch == "gpt":
+    cfg = GPTConfig(
+      vocab_size=mc.vocab_size or vocab_size,
+      block_size=mc.block_size,
+      num_layers=mc.num_hidden_layers,
+      num_heads=mc.num_attention_heads,
+      hidden_size=mc.hidden_size,
+      dropout=max(mc.hidden_dropout_prob, 0.0),
+      bias=mc.bias,
+      positions=mc.positions,
+    )
+    model = GPT(cfg, dtype=jnp.dtype(mc.dtype))
+    params = jax.jit(lambda r: model.init(r, ids))(rng)["params"]
+    return model, params, {"arch": "gpt", **cfg.to_dict()}
   if mc.arch == "bow":
     if mc.init_from:
       raise ValueError("config.model.arch='bow' is trained from scratch; set config.model.init_from=''")
@@ -118,6 +139,118 @@ def teacher_logits(config, train_ex, task) -> np.ndarray:
   return teacher.logits(train_ex)
 
 
+@dataclasses.dataclass
+class Data:
+  """What the loop needs from a task's data."""
+
+  train_iter: Any  # next() -> (batch, state after it); get_state / set_state; steps_per_epoch
+  evaluate: Callable  # (eval_fn, state, strategy) -> dev metrics
+  num_outputs: int  # classes (1 for regression); unused by language models
+  vocab_size: int
+  best_metric: str
+  description: str
+  train_ex: Any = None  # GLUE only: for distillation
+  train_enc: Any = None
+
+
+def glue_data(config, task: tasks.Task) -> Data:
+  tokenizer = load_tokenizer(config.model)
+  d = config.data
+  read = functools.partial(
+    sources.load_split, task, source=d.source, glue_dir=d.glue_dir, tfds_data_dir=d.tfds_data_dir
+  )
+  train_ex, dev_ex = read("train"), read(config.eval_split)
+  if d.max_train_examples:
+    train_ex = train_ex.take(d.max_train_examples)
+  if d.max_eval_examples:
+    dev_ex = dev_ex.take(d.max_eval_examples)
+  train_enc = pipeline.encode(train_ex, tokenizer, d.max_length)
+  dev_enc = pipeline.encode(dev_ex, tokenizer, d.max_length)
+  buckets = pipeline.bucket_lengths(d.buckets, d.max_length)
+  train_iter = pipeline.TrainIterator(
+    train_enc,
+    batch_size=config.batch_size,
+    buckets=buckets,
+    seed=config.seed,
+    sort_window=d.sort_window,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  pad = pipeline.padding_stats(train_enc, train_iter.plan(0), config.batch_size, buckets)
+  description = (
+    f"{task.name}: {len(train_ex)} train ({train_ex.origin}) / {len(dev_ex)} {config.eval_split} examples; "
+    f"buckets {buckets}, padding {100 * pad['pad_fraction']:.1f}% ({100 * pad['pad_fraction_unbucketed']:.1f}% unbucketed)"
+  )
+  return Data(
+    train_iter=train_iter,
+    evaluate=lambda eval_fn, state, strategy: evaluate(eval_fn, state, dev_enc, task, config, strategy)[0],
+    num_outputs=task.num_labels,
+    vocab_size=len(tokenizer),
+    best_metric=task.metrics[0],
+    description=description,
+    train_ex=train_ex,
+    train_enc=train_enc,
+  )
+
+
+def lm_data(config, workdir: Path) -> Data:
+  """A text corpus for next-token prediction; the tokenizer is trained here and saved in the workdir."""
+  d = config.data
+  text = lm.read_text(d.train_files)
+  if d.val_files:
+    train_text, val_text = text, lm.read_text(d.val_files)
+  else:  # the last val_fraction of the text, as nanoGPT splits shakespeare_char
+    cut = int(len(text) * (1 - d.val_fraction))
+    train_text, val_text = text[:cut], text[cut:]
+  tok_dir = workdir / "tokenizer"
+  if (tok_dir / lm.CharTokenizer.FILE).exists() or (tok_dir / "tokenizer.json").exists():
+    tokenizer = lm.load_tokenizer(workdir)  # a resumed run keeps its vocabulary
+  elif d.tokenizer == "char":
+    tokenizer = lm.CharTokenizer.train(train_text)
+    if jax.process_index() == 0:
+      tokenizer.save(tok_dir)
+  else:
+    tokenizer = load_tokenizer(ml_collections.ConfigDict({"tokenizer": d.tokenizer, "init_from": ""}))
+    if jax.process_index() == 0:
+      tokenizer.save_pretrained(str(tok_dir))
+  train_tokens = lm.tokenize_stream(train_text, tokenizer, d.document)
+  val_tokens = lm.tokenize_stream(val_text, tokenizer, d.document)
+  train_iter = lm.PackedIterator(
+    train_tokens,
+    seq_len=d.seq_len,
+    batch_size=config.batch_size,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+
+  def evaluate_lm(eval_fn, state, strategy) -> dict:
+    sums = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+    for batch in lm.eval_batches(
+      val_tokens,
+      seq_len=d.seq_len,
+      batch_size=config.eval_batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    ):
+      out = strategy.scalars(eval_fn(state, strategy.put_batch(batch)))
+      for k in sums:
+        sums[k] += float(out[k])
+    loss = sums["loss_sum"] / max(sums["count"], 1.0)
+    return {
+      "loss": loss,
+      "perplexity": float(np.exp(min(loss, 50.0))),
+      "accuracy": sums["correct"] / max(sums["count"], 1.0),
+      "tokens": sums["count"],
+    }
+
+  description = (
+    f"lm: {len(train_tokens):,} train / {len(val_tokens):,} val tokens ({d.train_files}), "
+    f"tokenizer {d.tokenizer} ({len(tokenizer)} tokens), windows of {d.seq_len}"
+  )
+  return Data(train_iter, evaluate_lm, len(tokenizer), len(tokenizer), "loss", description)
+
+
 class _Preemption:
   """SIGTERM (TPU VM maintenance, Slurm) -> save at the next step boundary, then exit."""
 
@@ -148,10 +281,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   is_main = jax.process_index() == 0
   if is_main:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  task = tasks.get_task(config.task)
-  loss_name = config.loss or task.default_loss
-  loss_fn = losses.get_loss(loss_name)
-  best_metric = config.best_metric or task.metrics[0]
+  lm_task = config.task in LM_TASKS
+  task = None if lm_task else tasks.get_task(config.task)
+  loss_fn = losses.get_loss(config.loss or ("softmax_xent" if lm_task else task.default_loss))
 
   # --- Mesh ------------------------------------------------------------------------------
   mesh = parallel.make_mesh(config.num_devices)
@@ -161,44 +293,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   log.info("mesh %s over %d processes, %s", dict(mesh.shape), jax.process_count(), config.parallel)
 
   # --- Data ------------------------------------------------------------------------------
-  tokenizer = load_tokenizer(config.model)
-  d = config.data
-  read = functools.partial(
-    sources.load_split, task, source=d.source, glue_dir=d.glue_dir, tfds_data_dir=d.tfds_data_dir
-  )
-  train_ex, dev_ex = read("train"), read(config.eval_split)
-  if d.max_train_examples:
-    train_ex = train_ex.take(d.max_train_examples)
-  if d.max_eval_examples:
-    dev_ex = dev_ex.take(d.max_eval_examples)
-  train_enc = pipeline.encode(train_ex, tokenizer, d.max_length)
-  dev_enc = pipeline.encode(dev_ex, tokenizer, d.max_length)
-  buckets = pipeline.bucket_lengths(d.buckets, d.max_length)
-  train_iter = pipeline.TrainIterator(
-    train_enc,
-    batch_size=config.batch_size,
-    buckets=buckets,
-    seed=config.seed,
-    sort_window=d.sort_window,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
+  data = lm_data(config, workdir) if lm_task else glue_data(config, task)
+  train_iter = data.train_iter
   steps_per_epoch = train_iter.steps_per_epoch
   total_steps = config.num_train_steps or int(np.ceil(config.num_epochs * steps_per_epoch))
-  pad = pipeline.padding_stats(train_enc, train_iter.plan(0), config.batch_size, buckets)
-  log.info(
-    "%s: %d train (%s) / %d %s examples; %d steps/epoch, %d steps; buckets %s, padding %.1f%% (%.1f%% unbucketed)",
-    task.name,
-    len(train_ex),
-    train_ex.origin,
-    len(dev_ex),
-    config.eval_split,
-    steps_per_epoch,
-    total_steps,
-    buckets,
-    100 * pad["pad_fraction"],
-    100 * pad["pad_fraction_unbucketed"],
-  )
+  log.info("%s; %d steps/epoch, %d steps", data.description, steps_per_epoch, total_steps)
+  best_metric = config.best_metric or data.best_metric
+  higher_is_better = best_metric not in LOWER_IS_BETTER
 
   # --- Model + params ----------------------------------------------------------------------
   init_rng = jax.random.PRNGKey(config.seed)
@@ -208,11 +309,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if config.rng_impl != "threefry2x32" and config.parallel == "pmap":
     raise ValueError(f"config.rng_impl={config.rng_impl!r} is supported with parallel='jit' only")
   dropout_rng = jax.random.key_data(jax.random.key(config.seed + 1, impl=config.rng_impl))
-  model, params, arch = build_model(config.model, task.num_labels, len(tokenizer), init_rng, config.finetune)
-  if is_main:  # what predict.py rebuilds the model from
+  model, params, arch = build_model(config.model, data.num_outputs, data.vocab_size, init_rng, config.finetune)
+  if is_main:  # what predict.py / generate.py rebuild the model from
     (workdir / "model_config.json").write_text(json.dumps(arch, indent=2))
   if config.loss == "distill":
-    train_enc.extras["teacher_logits"] = teacher_logits(config, train_ex, task)
+    data.train_enc.extras["teacher_logits"] = teacher_logits(config, data.train_ex, task)
 
   # --- What trains, and the optimizer over it ------------------------------------------------
   ft = config.finetune
@@ -233,7 +334,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   # --- State, sharded; then restore by precedence -------------------------------------------
   state = parallel.replicate(steps.create_state(params, tx, dropout_rng, mask), mesh)
   del params
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", best_metric=best_metric)
+  mode = "max" if higher_is_better else "min"
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", best_metric=best_metric, best_mode=mode)
   early_stop = {}
   config_dict = json.loads(config.to_json_best_effort())
   if ckpt.latest_step() is not None:
@@ -242,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     early_stop = data_state.get("early_stop", {})
     log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
   elif config.resume:
-    other = checkpoint.Checkpointer(config.resume, best_metric=best_metric, read_only=True)
+    other = checkpoint.Checkpointer(config.resume, best_metric=best_metric, best_mode=mode, read_only=True)
     if other.latest_step() is None:
       raise FileNotFoundError(f"config.resume={config.resume!r} holds no checkpoint")
     state, data_state = other.restore(other.latest_step(), checkpoint.abstract(state))
@@ -266,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     donate=config.donate,
   )
   eval_fn = strategy.compile_eval(
-    functools.partial(steps.eval_step, model=model, loss_fn=loss_fn, loss_kwargs=loss_kwargs)
+    functools.partial(steps.eval_step, model=model, loss_fn=loss_fn, loss_kwargs=loss_kwargs, return_logits=not lm_task)
   )
 
   # --- Loop ----------------------------------------------------------------------------------
@@ -274,7 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   state = strategy.put_state(state)  # from here on, the compiled step's layout
   writer = writers.MetricWriter(workdir, resume_step=step)
   progress = writers.Progress(total_steps, config.batch_size, step, enabled=config.progress)
-  batches = parallel.prefetch(train_iter, strategy.put_batch, size=d.prefetch)
+  batches = parallel.prefetch(train_iter, strategy.put_batch, size=config.data.prefetch)
   preempt = _Preemption()
   sums = {}
   data_state = train_iter.get_state()
@@ -323,10 +425,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         sums = {}
         log.info("step %d: %s", step, _fmt(train_m))
       if do_eval:
-        dev_metrics, _ = evaluate(eval_fn, state, dev_enc, task, config, strategy)
+        dev_metrics = data.evaluate(eval_fn, state, strategy)
         writer.write(step, config.eval_split, dev_metrics)
         log.info("step %d %s: %s", step, config.eval_split, _fmt(dev_metrics))
-        value = dev_metrics[best_metric]
+        value = dev_metrics[best_metric] * (1 if higher_is_better else -1)
         best_value, stale = (value, 0) if best_value is None or value > best_value else (best_value, stale + 1)
         save(step, dev_metrics)
         if config.early_stopping_patience and stale >= config.early_stopping_patience:

@@ -1,0 +1,177 @@
+"""Sample text from a trained causal LM: greedy, temperature, top-k and top-p, seeded.
+
+    python -m research.generate --workdir runs/shakespeare --prompt "ROMEO:" --max_new_tokens 500 \
+        --temperature 0.8 --top_k 200 --seed 0
+
+With the KV cache (the default) the prompt is run once and each new token costs one
+position; `--nocache` recomputes the whole prefix every token (the reference the tests
+compare the cache against).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from research.models.gpt import GPT, init_cache
+
+
+def filter_logits(logits_BxV: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+  """Temperature, then keep the top_k largest (0 = all), then the smallest set whose
+  probability reaches top_p (1 = all). Removed entries become -inf."""
+  logits = logits_BxV.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+  neg = jnp.finfo(jnp.float32).min
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if top_p < 1.0:
+    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    keep_sorted = before < top_p  # always keeps the most likely token
+    cutoff = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, neg, logits)
+  return logits
+
+
+def _pick(logits_BxV, rng, temperature, top_k, top_p):
+  if temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  filtered = filter_logits(logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p)
+  return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "use_cache"))
+def generate(
+  params,
+  prompt_BxP: jax.Array,
+  rng: jax.Array,
+  *,
+  model: GPT,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  use_cache: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+  """Returns (tokens BxN, the logits each was drawn from BxNxV). Token i uses fold_in(rng, i)."""
+  b, p = prompt_BxP.shape
+  total = p + max_new_tokens
+  cfg = model.cfg
+  if cfg.positions == "learned" and total > cfg.block_size:
+    raise ValueError(f"prompt {p} + {max_new_tokens} new tokens > block_size {cfg.block_size}")
+  variables = {"params": params}
+  if use_cache:
+    cache = init_cache(cfg, b, total)
+    logits, cache = model.apply(variables, prompt_BxP, cache, 0, method=GPT.decode)
+    last = logits[:, -1]
+
+    def step(carry, i):
+      last, cache = carry
+      tok = _pick(last, jax.random.fold_in(rng, i), temperature, top_k, top_p)
+      logits, cache = model.apply(variables, tok[:, None], cache, p + i, method=GPT.decode)
+      return (logits[:, 0], cache), (tok, last)
+
+    _, (toks_NxB, logits_NxBxV) = jax.lax.scan(step, (last, cache), jnp.arange(max_new_tokens))
+  else:
+    buf = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt_BxP)
+
+    def step(buf, i):
+      logits = model.apply(variables, buf)[:, p + i - 1]  # the causal mask hides the zeros after
+      tok = _pick(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p)
+      return buf.at[:, p + i].set(tok), (tok, logits)
+
+    _, (toks_NxB, logits_NxBxV) = jax.lax.scan(step, buf, jnp.arange(max_new_tokens))
+  return toks_NxB.T, logits_NxBxV.swapaxes(0, 1)
+
+
+def generate_long(params, prompt_BxP, rng, *, model: GPT, max_new_tokens: int, **sampling) -> np.ndarray:
+  """Any number of tokens from a model with a finite context: once the window is full, keep its
+  last half as the new prompt (nanoGPT crops the context the same way) and continue."""
+  block = model.cfg.block_size
+  keep = block // 2
+  out = np.asarray(prompt_BxP)
+  if out.shape[1] >= block:
+    out = out[:, -keep:]
+  produced, rounds = 0, 0
+  while produced < max_new_tokens:
+    ctx = out[:, -keep:] if out.shape[1] > keep and produced else out
+    n = min(block - ctx.shape[1], max_new_tokens - produced)
+    toks, _ = generate(
+      params, jnp.asarray(ctx), jax.random.fold_in(rng, rounds), model=model, max_new_tokens=n, **sampling
+    )
+    out = np.concatenate([out, np.asarray(toks)], axis=1)
+    produced, rounds = produced + n, rounds + 1
+  return out[:, -max_new_tokens:]
+
+
+# ---------------------------------------------------------------------------------------
+# Command line: sample from a training workdir.
+# ---------------------------------------------------------------------------------------
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A causal-LM training workdir.")
+_STEP = flags.DEFINE_string("step", "latest", "best | latest | a step number")
+_PROMPT = flags.DEFINE_string("prompt", "\n", "Text to continue.")
+_N = flags.DEFINE_integer("max_new_tokens", 500, "Tokens to generate.")
+_TEMP = flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
+_TOPK = flags.DEFINE_integer("top_k", 200, "Keep the k most likely tokens (0 = all).")
+_TOPP = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_NUM = flags.DEFINE_integer("num_samples", 1, "Samples drawn in one batch.")
+_CACHE = flags.DEFINE_bool("cache", True, "Use the KV cache.")
+flags.mark_flag_as_required("workdir")
+
+
+def load(workdir: str | Path, step: str = "latest"):
+  """(model, params, tokenizer) of a causal-LM run."""
+  from research import checkpoint
+  from research.data import lm
+
+  workdir = Path(workdir)
+  arch = json.loads((workdir / "model_config.json").read_text())
+  if arch.get("arch") != "gpt":
+    raise ValueError(f"{workdir}: arch={arch.get('arch')!r}; generation needs a causal LM (arch 'gpt')")
+  from research.models.gpt import GPTConfig
+
+  model = GPT(GPTConfig.from_dict(arch))
+  chosen = None if step in ("latest", "best") else int(step)
+  if step == "best":
+    chosen = checkpoint.best_or_latest(workdir / "checkpoints", "loss", mode="min")
+  at, state, _ = checkpoint.restore_on_host(workdir / "checkpoints", chosen)
+  return model, state["params"], lm.load_tokenizer(workdir), at
+
+
+def main(argv):
+  del argv
+  import logging
+
+  for noisy in ("absl", "orbax", "jax._src"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  model, params, tok, at = load(_WORKDIR.value, _STEP.value)
+  prompt = np.asarray([tok.encode(_PROMPT.value)] * _NUM.value, np.int32)
+  print(f"# {_WORKDIR.value} step {at}; prompt {prompt.shape[1]} tokens", file=sys.stderr)
+  toks = generate_long(
+    params,
+    prompt,
+    jax.random.key(_SEED.value),
+    model=model,
+    max_new_tokens=_N.value,
+    temperature=_TEMP.value,
+    top_k=min(_TOPK.value, model.cfg.vocab_size),
+    top_p=_TOPP.value,
+    use_cache=_CACHE.value,
+  )
+  for row in toks:
+    print(_PROMPT.value + tok.decode(row.tolist()))
+    print("---")
+
+
+if __name__ == "__main__":
+  app.run(main)
