@@ -116,17 +116,19 @@ def generate_long(params, prompt_BxP, rng, *, model: GPT, max_new_tokens: int, *
 # Command line: sample from a training workdir.
 # ---------------------------------------------------------------------------------------
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A causal-LM training workdir.")
-_STEP = flags.DEFINE_string("step", "latest", "best | latest | a step number")
-_PROMPT = flags.DEFINE_string("prompt", "\n", "Text to continue.")
-_N = flags.DEFINE_integer("max_new_tokens", 500, "Tokens to generate.")
-_TEMP = flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
-_TOPK = flags.DEFINE_integer("top_k", 200, "Keep the k most likely tokens (0 = all).")
-_TOPP = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_NUM = flags.DEFINE_integer("num_samples", 1, "Samples drawn in one batch.")
-_CACHE = flags.DEFINE_bool("cache", True, "Use the KV cache.")
-flags.mark_flag_as_required("workdir")
+def _define_flags() -> None:
+  """Flags exist only when this file is the program (predict.py defines --workdir too)."""
+  flags.DEFINE_string("workdir", None, "A causal-LM training workdir.")
+  flags.DEFINE_string("step", "latest", "best | latest | a step number")
+  flags.DEFINE_string("prompt", "\n", "Text to continue.")
+  flags.DEFINE_integer("max_new_tokens", 500, "Tokens to generate.")
+  flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
+  flags.DEFINE_integer("top_k", 200, "Keep the k most likely tokens (0 = all).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("num_samples", 1, "Samples drawn in one batch.")
+  flags.DEFINE_bool("cache", True, "Use the KV cache.")
+  flags.mark_flag_as_required("workdir")
 
 
 def load(workdir: str | Path, step: str = "latest"):
@@ -154,24 +156,26 @@ def main(argv):
 
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  model, params, tok, at = load(_WORKDIR.value, _STEP.value)
-  prompt = np.asarray([tok.encode(_PROMPT.value)] * _NUM.value, np.int32)
-  print(f"# {_WORKDIR.value} step {at}; prompt {prompt.shape[1]} tokens", file=sys.stderr)
+  f = flags.FLAGS
+  model, params, tok, at = load(f.workdir, f.step)
+  prompt = np.asarray([tok.encode(f.prompt)] * f.num_samples, np.int32)
+  print(f"# {f.workdir} step {at}; prompt {prompt.shape[1]} tokens", file=sys.stderr)
   toks = generate_long(
     params,
     prompt,
-    jax.random.key(_SEED.value),
+    jax.random.key(f.seed),
     model=model,
-    max_new_tokens=_N.value,
-    temperature=_TEMP.value,
-    top_k=min(_TOPK.value, model.cfg.vocab_size),
-    top_p=_TOPP.value,
-    use_cache=_CACHE.value,
+    max_new_tokens=f.max_new_tokens,
+    temperature=f.temperature,
+    top_k=min(f.top_k, model.cfg.vocab_size),
+    top_p=f.top_p,
+    use_cache=f.cache,
   )
   for row in toks:
-    print(_PROMPT.value + tok.decode(row.tolist()))
+    print(f.prompt + tok.decode(row.tolist()))
     print("---")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -71,7 +71,10 @@ def decay_mask(params) -> dict:
   """True where weight decay applies: matrices and embeddings, not biases or norms."""
   flat = flax.traverse_util.flatten_dict(params)
   return flax.traverse_util.unflatten_dict(
-    {path: not (path[-1] == "bias" or path[-1] == "scale" or "norm" in path[-2]) for path in flat}
+    {
+      path: not (path[-1].endswith("bias") or path[-1] == "scale" or any("norm" in p for p in path[:-1]))
+      for path in flat
+    }
   )
 
 

@@ -83,7 +83,7 @@ class Predictor:
         self.bert_cfg = self.bert_cfg.without_lora()
       self.pooling = arch.get("pooling", "cls")
       self.model = BertClassifier(self.bert_cfg, self.task.num_labels, dtype=dtype, pooling=self.pooling)
-    self._apply = jax.jit(lambda p, b: self.model.apply({"params": p}, *(b[k] for k in MODEL_INPUTS)))
+    self._apply = jax.jit(lambda p, b: self.model.apply({"params": p}, *(b[k] for k in MODEL_INPUTS if k in b)))
 
   def logits(self, examples: sources.Examples, batch_size: int = 64) -> np.ndarray:
     enc = pipeline.encode(examples, self.tokenizer, self.config.data.max_length)
@@ -149,11 +149,33 @@ _OUT = flags.DEFINE_string("out", None, "Where prediction files go (default: WOR
 _TEXT = flags.DEFINE_multi_string("text", [], "Classify this text (pairs: tab-separated); repeatable.")
 _STDIN = flags.DEFINE_bool("stdin", False, "Classify one text (or tab-separated pair) per stdin line.")
 _EXPORT = flags.DEFINE_string("export_hf", None, "Write a Hugging Face BertForSequenceClassification folder here.")
+_EXPORT_MLM = flags.DEFINE_string(
+  "export_mlm", None, "Masked-LM run: write a Hugging Face BertForMaskedLM folder here."
+)
 flags.mark_flag_as_required("workdir")
+
+
+def export_mlm(workdir: str | Path, out: str | Path, step: str = "best") -> Path:
+  """A masked-LM pretraining run -> a `BertForMaskedLM` folder (weights, config, tokenizer),
+  which `config.model.init_from` accepts for fine-tuning."""
+  from research.data import lm
+
+  workdir = Path(workdir)
+  arch = json.loads((workdir / "model_config.json").read_text())
+  if arch.get("arch") != "bert_mlm":
+    raise ValueError(f"{workdir}: arch={arch.get('arch')!r}; --export_mlm needs a masked-LM run (arch 'bert_mlm')")
+  ckpt_dir = workdir / "checkpoints"
+  chosen = checkpoint.best_or_latest(ckpt_dir, "loss", mode="min") if step == "best" else None
+  chosen = int(step) if step not in ("best", "latest") else chosen
+  _, state, _ = checkpoint.restore_on_host(ckpt_dir, chosen)
+  return convert.save_hf_mlm_folder(out, state["params"], BertConfig.from_dict(arch), lm.load_tokenizer(workdir))
 
 
 def main(argv):
   del argv
+  if _EXPORT_MLM.value:
+    print(f"exported to {export_mlm(_WORKDIR.value, _EXPORT_MLM.value, _STEP.value)}", file=sys.stderr)
+    return
   p = Predictor(_WORKDIR.value, _STEP.value)
   print(f"# {p.workdir} step {p.step} ({p.task.name})", file=sys.stderr)
   if _SPLIT.value:

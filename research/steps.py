@@ -18,7 +18,7 @@ import optax
 from research import finetune
 from research.losses import LossFn
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "masked_positions")
 # Batch fields that are neither model inputs nor labels/weights go to the loss as keywords
 # (e.g. `teacher_logits` for distillation).
 _NOT_LOSS_INPUTS = (*MODEL_INPUTS, "labels", "weights")

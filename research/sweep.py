@@ -28,13 +28,6 @@ from pathlib import Path
 
 from absl import app, flags
 
-_CONFIG = flags.DEFINE_string("config", None, "An ablation config: configs/ablations/<name>.py[:arg]")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Root folder of the sweep's runs and results.")
-_SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds; each setting runs once per seed.")
-_PRINT = flags.DEFINE_bool("print_commands", False, "Print one launch command per unfinished run and exit.")
-_AGG = flags.DEFINE_bool("aggregate_only", False, "Only write the tables and plots from finished runs.")
-flags.mark_flags_as_required(["config", "workdir"])
-
 
 def load_sweep(config_arg: str) -> tuple[list[dict], str]:
   """The override dicts of `sweep()` in the config file, and the file's docstring title."""
@@ -148,7 +141,7 @@ def write_tables(root: Path, rows: list[dict], settings: list[dict], title: str,
     f"Dev `{metric}` x 100, mean ± std over seeds. *final*: at the end of training (no selection on dev); "
     "*best*: the best of the periodic dev evals (selected on dev, so optimistic).",
     "",
-    f"| setting | seeds | final {metric} | best {metric} | trainable params | steps | train time / run |",
+    f"| setting | seeds | final {metric} | best {metric} | trainable params | steps | train time / run (median) |",
     "|---|---|---|---|---|---|---|",
   ]
   for s in settings:
@@ -160,7 +153,7 @@ def write_tables(root: Path, rows: list[dict], settings: list[dict], title: str,
     fm, fs = _mean_std([100 * r["final"] for r in mine])
     bm, bs = _mean_std([100 * r["best"] for r in mine])
     tp, total = mine[0]["trainable_params"], mine[0]["total_params"]
-    secs = sum(r["train_seconds"] for r in mine) / len(mine)
+    secs = sorted(r["train_seconds"] for r in mine)[len(mine) // 2]  # median: robust to a paused run
     lines.append(
       f"| `{name}` | {len(mine)} | {fm:.1f} ± {fs:.1f} | {bm:.1f} ± {bs:.1f} | "
       f"{tp:,} ({100 * tp / max(total, 1):.1f}%) | {mine[0]['steps']} | {secs:.0f} s |"
@@ -208,23 +201,34 @@ def plot(root: Path, rows: list[dict], settings: list[dict], seeds: list[int]) -
   plt.close(fig)
 
 
+def _define_flags() -> None:
+  """Flags exist only when this file is the program (other entry points define --config too)."""
+  flags.DEFINE_string("config", None, "An ablation config: configs/ablations/<name>.py[:arg]")
+  flags.DEFINE_string("workdir", None, "Root folder of the sweep's runs and results.")
+  flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds; each setting runs once per seed.")
+  flags.DEFINE_bool("print_commands", False, "Print one launch command per unfinished run and exit.")
+  flags.DEFINE_bool("aggregate_only", False, "Only write the tables and plots from finished runs.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 def main(argv):
   del argv
-  root = Path(_WORKDIR.value)
-  seeds = [int(s) for s in _SEEDS.value.split(",") if s.strip()]
-  settings, title = load_sweep(_CONFIG.value)
-  sweep_cmd = f"python -m research.sweep --config {_CONFIG.value} --workdir {root} --seeds {_SEEDS.value}"
+  f = flags.FLAGS
+  config_arg, root, seeds_arg = f.config, Path(f.workdir), f.seeds
+  seeds = [int(s) for s in seeds_arg.split(",") if s.strip()]
+  settings, title = load_sweep(config_arg)
+  sweep_cmd = f"python -m research.sweep --config {config_arg} --workdir {root} --seeds {seeds_arg}"
   pending = [
     (s, seed)
     for s in settings
     for seed in seeds
     if not (root / setting_name(s) / f"seed_{seed}" / "summary.json").exists()
   ]
-  if _PRINT.value:
+  if f.print_commands:
     for s, seed in pending:
-      print(shlex.join(command(_CONFIG.value, root / setting_name(s) / f"seed_{seed}", s, seed)))
+      print(shlex.join(command(config_arg, root / setting_name(s) / f"seed_{seed}", s, seed)))
     return
-  if not _AGG.value:
+  if not f.aggregate_only:
     root.mkdir(parents=True, exist_ok=True)
     print(f"{len(settings)} settings x {len(seeds)} seeds; {len(pending)} runs to go", file=sys.stderr)
     for i, (s, seed) in enumerate(pending, 1):
@@ -234,7 +238,7 @@ def main(argv):
       print(f"[{i}/{len(pending)}] {setting_name(s)} seed {seed}", file=sys.stderr, flush=True)
       with open(run_dir / "stdout.log", "a") as log:
         rc = subprocess.call(
-          command(_CONFIG.value, run_dir, s, seed), stdout=log, stderr=subprocess.STDOUT, env=os.environ
+          command(config_arg, run_dir, s, seed), stdout=log, stderr=subprocess.STDOUT, env=os.environ
         )
       if rc != 0:
         raise SystemExit(f"run failed (exit {rc}); see {run_dir / 'stdout.log'}; rerun the sweep to resume")
@@ -247,4 +251,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -8,49 +8,34 @@ idea does not fit the seams (model, loss, optimizer), fork this file into `proje
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import transformers
 
-from research import checkpoint, finetune, losses, metrics, optim, parallel, steps, writers
-from research.data import lm, pipeline, sources, tasks
+from research import checkpoint, finetune, losses, optim, parallel, steps, writers
+from research.data import tasks
+from research.data.builders import LM_TASKS, glue_data, lm_data, load_tokenizer  # noqa: F401 (re-exported)
 from research.models import convert
-from research.models.bert import BertClassifier, BertConfig
+from research.models.bert import BertClassifier, BertConfig, BertForMaskedLM
 from research.models.bow import BagOfEmbeddings
 from research.models.gpt import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
 
-LM_TASKS = ("lm",)  # causal language modeling on a text corpus (configs/pretrain_lm.py)
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 # ---------------------------------------------------------------------------------------
 # Pieces the loop is built from.
 # ---------------------------------------------------------------------------------------
-
-
-def load_tokenizer(mc: ml_collections.ConfigDict):
-  """The checkpoint's own fast WordPiece tokenizer (or `model.tokenizer` for scratch models)."""
-  name = mc.tokenizer or mc.init_from
-  if not name:
-    raise ValueError("config.model.tokenizer is required when config.model.init_from is empty")
-  tok = transformers.AutoTokenizer.from_pretrained(str(convert.resolve_pretrained(name)))
-  if not tok.is_fast:
-    raise ValueError(f"{name}: no fast tokenizer (tokenizer.json); install `tokenizers`")
-  return tok
 
 
 def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int, rng: jax.Array, ft=None):
@@ -72,6 +57,18 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
     model = GPT(cfg, dtype=jnp.dtype(mc.dtype))
     params = jax.jit(lambda r: model.init(r, ids))(rng)["params"]
     return model, params, {"arch": "gpt", **cfg.to_dict()}
+  if mc.arch == "bert_mlm":  # masked-LM pretraining from scratch
+    cfg = BertConfig(
+      vocab_size=mc.vocab_size or vocab_size,
+      hidden_size=mc.hidden_size,
+      num_hidden_layers=mc.num_hidden_layers,
+      num_attention_heads=mc.num_attention_heads,
+      intermediate_size=mc.intermediate_size,
+      max_position_embeddings=mc.max_position_embeddings,
+    )
+    model = BertForMaskedLM(cfg, dtype=jnp.dtype(mc.dtype))
+    params = jax.jit(lambda r: model.init(r, ids, ids, ids, train=False))(rng)["params"]
+    return model, params, {"arch": "bert_mlm", **cfg.to_dict()}
   if mc.arch == "bow":
     if mc.init_from:
       raise ValueError("config.model.arch='bow' is trained from scratch; set config.model.init_from=''")
@@ -102,30 +99,6 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
   return model, params, {"arch": "bert", "pooling": mc.pooling, **cfg.to_dict()}
 
 
-def evaluate(eval_fn, state, enc: pipeline.Encoded, task: tasks.Task, config, strategy) -> tuple[dict, np.ndarray]:
-  """Metrics over every example exactly once, and the logits in dataset order."""
-  logits_all = np.zeros((len(enc), task.num_labels), np.float32)
-  loss_sum = count = 0.0
-  for batch in pipeline.eval_batches(
-    enc,
-    batch_size=config.eval_batch_size,
-    buckets=pipeline.bucket_lengths(config.data.buckets, config.data.max_length),
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  ):
-    index = batch.pop("index")
-    out = eval_fn(state, strategy.put_batch(batch))
-    index = strategy.rows(strategy.put_batch({"index": index})["index"])
-    logits = strategy.rows(out["logits"])
-    keep = index >= 0
-    logits_all[index[keep]] = logits[keep]
-    sums = strategy.scalars({"loss_sum": out["loss_sum"], "count": out["count"]})
-    loss_sum += float(sums["loss_sum"])
-    count += float(sums["count"])
-  m = metrics.compute(task.metrics, logits_all, enc.labels, task.is_regression)
-  return {"loss": loss_sum / max(count, 1.0), **m, "examples": float(len(enc))}, logits_all
-
-
 def teacher_logits(config, train_ex, task) -> np.ndarray:
   """Score the train set once with the teacher run's best checkpoint (for loss="distill")."""
   from research.predict import Predictor  # predict imports this module
@@ -137,118 +110,6 @@ def teacher_logits(config, train_ex, task) -> np.ndarray:
     raise ValueError(f"config.teacher={config.teacher!r} was trained on {teacher.task.name}, not {task.name}")
   log.info("scoring %d train examples with teacher %s (step %d)", len(train_ex), config.teacher, teacher.step)
   return teacher.logits(train_ex)
-
-
-@dataclasses.dataclass
-class Data:
-  """What the loop needs from a task's data."""
-
-  train_iter: Any  # next() -> (batch, state after it); get_state / set_state; steps_per_epoch
-  evaluate: Callable  # (eval_fn, state, strategy) -> dev metrics
-  num_outputs: int  # classes (1 for regression); unused by language models
-  vocab_size: int
-  best_metric: str
-  description: str
-  train_ex: Any = None  # GLUE only: for distillation
-  train_enc: Any = None
-
-
-def glue_data(config, task: tasks.Task) -> Data:
-  tokenizer = load_tokenizer(config.model)
-  d = config.data
-  read = functools.partial(
-    sources.load_split, task, source=d.source, glue_dir=d.glue_dir, tfds_data_dir=d.tfds_data_dir
-  )
-  train_ex, dev_ex = read("train"), read(config.eval_split)
-  if d.max_train_examples:
-    train_ex = train_ex.take(d.max_train_examples)
-  if d.max_eval_examples:
-    dev_ex = dev_ex.take(d.max_eval_examples)
-  train_enc = pipeline.encode(train_ex, tokenizer, d.max_length)
-  dev_enc = pipeline.encode(dev_ex, tokenizer, d.max_length)
-  buckets = pipeline.bucket_lengths(d.buckets, d.max_length)
-  train_iter = pipeline.TrainIterator(
-    train_enc,
-    batch_size=config.batch_size,
-    buckets=buckets,
-    seed=config.seed,
-    sort_window=d.sort_window,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  pad = pipeline.padding_stats(train_enc, train_iter.plan(0), config.batch_size, buckets)
-  description = (
-    f"{task.name}: {len(train_ex)} train ({train_ex.origin}) / {len(dev_ex)} {config.eval_split} examples; "
-    f"buckets {buckets}, padding {100 * pad['pad_fraction']:.1f}% ({100 * pad['pad_fraction_unbucketed']:.1f}% unbucketed)"
-  )
-  return Data(
-    train_iter=train_iter,
-    evaluate=lambda eval_fn, state, strategy: evaluate(eval_fn, state, dev_enc, task, config, strategy)[0],
-    num_outputs=task.num_labels,
-    vocab_size=len(tokenizer),
-    best_metric=task.metrics[0],
-    description=description,
-    train_ex=train_ex,
-    train_enc=train_enc,
-  )
-
-
-def lm_data(config, workdir: Path) -> Data:
-  """A text corpus for next-token prediction; the tokenizer is trained here and saved in the workdir."""
-  d = config.data
-  text = lm.read_text(d.train_files)
-  if d.val_files:
-    train_text, val_text = text, lm.read_text(d.val_files)
-  else:  # the last val_fraction of the text, as nanoGPT splits shakespeare_char
-    cut = int(len(text) * (1 - d.val_fraction))
-    train_text, val_text = text[:cut], text[cut:]
-  tok_dir = workdir / "tokenizer"
-  if (tok_dir / lm.CharTokenizer.FILE).exists() or (tok_dir / "tokenizer.json").exists():
-    tokenizer = lm.load_tokenizer(workdir)  # a resumed run keeps its vocabulary
-  elif d.tokenizer == "char":
-    tokenizer = lm.CharTokenizer.train(train_text)
-    if jax.process_index() == 0:
-      tokenizer.save(tok_dir)
-  else:
-    tokenizer = load_tokenizer(ml_collections.ConfigDict({"tokenizer": d.tokenizer, "init_from": ""}))
-    if jax.process_index() == 0:
-      tokenizer.save_pretrained(str(tok_dir))
-  train_tokens = lm.tokenize_stream(train_text, tokenizer, d.document)
-  val_tokens = lm.tokenize_stream(val_text, tokenizer, d.document)
-  train_iter = lm.PackedIterator(
-    train_tokens,
-    seq_len=d.seq_len,
-    batch_size=config.batch_size,
-    seed=config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-
-  def evaluate_lm(eval_fn, state, strategy) -> dict:
-    sums = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
-    for batch in lm.eval_batches(
-      val_tokens,
-      seq_len=d.seq_len,
-      batch_size=config.eval_batch_size,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-    ):
-      out = strategy.scalars(eval_fn(state, strategy.put_batch(batch)))
-      for k in sums:
-        sums[k] += float(out[k])
-    loss = sums["loss_sum"] / max(sums["count"], 1.0)
-    return {
-      "loss": loss,
-      "perplexity": float(np.exp(min(loss, 50.0))),
-      "accuracy": sums["correct"] / max(sums["count"], 1.0),
-      "tokens": sums["count"],
-    }
-
-  description = (
-    f"lm: {len(train_tokens):,} train / {len(val_tokens):,} val tokens ({d.train_files}), "
-    f"tokenizer {d.tokenizer} ({len(tokenizer)} tokens), windows of {d.seq_len}"
-  )
-  return Data(train_iter, evaluate_lm, len(tokenizer), len(tokenizer), "loss", description)
 
 
 class _Preemption:

@@ -143,3 +143,102 @@ def test_pretraining_learns_resumes_exactly_and_samples(tmp_path):
     top_k=5,
   )
   assert step == 12 and len(tok.decode(out[0].tolist())) == 40
+
+
+def test_trained_tokenizers_load_in_transformers(tmp_path):
+  import transformers
+
+  from research import tokenizer
+
+  text = tmp_path / "t.txt"
+  text.write_text("".join(f"The quick brown fox {i} jumps over the lazy dog.\n" for i in range(200)))
+  tokenizer.train_wordpiece([str(text)], 200, tmp_path / "wp")
+  wp = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "wp"))
+  ids = wp("the quick fox", "lazy dog")["input_ids"]
+  assert ids[0] == wp.cls_token_id and ids.count(wp.sep_token_id) == 2 and wp.mask_token_id is not None
+  assert wp.decode(wp("the quick fox")["input_ids"], skip_special_tokens=True) == "the quick fox"
+  vocab = (tmp_path / "wp" / "vocab.txt").read_text().splitlines()
+  assert vocab[:5] == tokenizer.BERT_SPECIALS and len(vocab) == len(wp)
+  tokenizer.train_bpe([str(text)], 300, tmp_path / "bpe")
+  bpe = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "bpe"))
+  assert bpe.decode(bpe("The quick brown fox")["input_ids"]) == "The quick brown fox"
+  assert bpe.eos_token == tokenizer.EOT
+
+
+def test_mlm_export_loads_in_pytorch_with_same_logits(tmp_path):
+  """Our BertForMaskedLM export, loaded by transformers' PyTorch `BertForMaskedLM`
+  (tests/fixtures/make_mlm_golden.py), gives our logits and predicts the same tokens."""
+  import make_mlm_golden as g
+  from conftest import REPO
+
+  from research.models import convert
+
+  model, cfg, params = g.build_params()
+  ids, mask, types = g.inputs()
+  ours = np.asarray(model.apply({"params": params}, ids, mask, types))
+  golden = np.load(REPO / "tests" / "fixtures" / "mlm_golden.npz")["logits"]
+  real = mask.astype(bool)
+  assert np.abs(ours - golden)[real].max() <= 1e-4
+  np.testing.assert_array_equal(ours.argmax(-1)[real], golden.argmax(-1)[real])
+  # Export and load back: the same tree, bit-exact (the pooler, absent from BertForMaskedLM, aside).
+  folder = convert.save_hf_mlm_folder(tmp_path / "mlm", params, cfg)
+  _, loaded = convert.load_hf_mlm_folder(str(folder))
+  loaded["bert"]["pooler"] = params["bert"]["pooler"]
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(params))
+
+
+def test_masking_rule_and_masked_lm_pretraining(tmp_path, tokenizer):
+  masker = lm.MaskedLM(tokenizer, prob=0.15)
+  ids = np.asarray(tokenizer(["the quick brown fox jumps over the lazy dog " * 20] * 64)["input_ids"])[:, :128]
+  batch = masker(ids, np.ones(ids.shape, bool), (0, 0, 0))
+  b2 = masker(ids, np.ones(ids.shape, bool), (0, 0, 0))
+  jax.tree.map(np.testing.assert_array_equal, batch, b2)  # a pure function of the key
+  chosen = batch["weights"] > 0
+  pos = batch["masked_positions"]
+  picked = np.take_along_axis(batch["input_ids"], pos, axis=1)[chosen]
+  original = np.take_along_axis(ids, pos, axis=1)[chosen]
+  np.testing.assert_array_equal(batch["labels"][chosen], original)
+  assert 0.13 < chosen.sum() / (ids.shape[0] * (ids.shape[1] - 2)) < 0.17  # [CLS]/[SEP] are never chosen
+  frac_mask = (picked == tokenizer.mask_token_id).mean()
+  frac_same = (picked == original).mean()
+  assert 0.75 < frac_mask < 0.85 and 0.07 < frac_same < 0.16
+  assert not np.isin(original, tokenizer.all_special_ids).any()
+  # Whole-word: a word's "##" pieces are masked with its first piece.
+  ww = lm.MaskedLM(tokenizer, prob=0.3, whole_word=True)
+  words = np.asarray(tokenizer(["unbelievably tokenization embeddings " * 30] * 8)["input_ids"])[:, :96]
+  wb = ww(words, np.ones(words.shape, bool), (1,))
+  full = np.zeros(words.shape, bool)
+  np.put_along_axis(full, wb["masked_positions"], wb["weights"] > 0, axis=1)
+  cont = np.vectorize(lambda i: tokenizer.convert_ids_to_tokens(int(i)).startswith("##"))(words)
+  prev_chosen = np.concatenate([np.zeros((8, 1), bool), full[:, :-1]], axis=1)
+  assert full.any() and (full[cont] == prev_chosen[cont]).all()
+
+
+def test_mlm_run_exports_and_fine_tunes(tmp_path, small_glue):
+  from conftest import tiny_config
+
+  from research import predict
+
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("".join(f"sentence {i} is about a film that was good or bad.\n" for i in range(400)))
+  c = pretrain_mlm_config(corpus)
+  result = train.train_and_evaluate(c, tmp_path / "mlm")
+  assert result["step"] == 8 and result["final"]["accuracy"] >= 0 and np.isfinite(result["final"]["loss"])
+  out = predict.export_mlm(tmp_path / "mlm", tmp_path / "mlm_hf")
+  assert (out / "tokenizer.json").exists()
+  ft = tiny_config(small_glue, **{"model.init_from": str(out), "model.tokenizer": ""})
+  assert train.train_and_evaluate(ft, tmp_path / "ft")["step"] == 8
+
+
+def pretrain_mlm_config(corpus):
+  from configs import pretrain_mlm
+
+  c = pretrain_mlm.get_config("model=tiny,smoke")
+  c.unlock()
+  c.data.train_files = c.data.val_files = str(corpus)
+  c.data.seq_len, c.model.max_position_embeddings = 32, 64
+  c.batch_size, c.eval_batch_size = 8, 16
+  c.num_train_steps, c.eval_every_steps, c.checkpoint_every_steps, c.log_every_steps = 8, 4, 4, 4
+  c.progress = False
+  c.lock()
+  return c

@@ -105,6 +105,62 @@ def tokenize_stream(text: str, tokenizer, unit: str = "lines") -> np.ndarray:
   return out
 
 
+class MaskedLM:
+  """BERT's masking: choose `prob` of the (non-special) tokens; of those, 80% become [MASK],
+  10% a random token, 10% stay. Labels are the original ids and the loss weight is 1 only at
+  chosen positions. `whole_word`: a word's "##" pieces are chosen with its first piece.
+  The randomness is a pure function of `key`, so a resumed run masks the same way."""
+
+  def __init__(self, tokenizer, prob: float = 0.15, whole_word: bool = False):
+    if tokenizer.mask_token_id is None:
+      raise ValueError("masked LM needs a tokenizer with a [MASK] token (a WordPiece tokenizer)")
+    self.prob, self.whole_word = prob, whole_word
+    self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
+    self.special = np.zeros(self.vocab_size, bool)
+    self.special[[i for i in tokenizer.all_special_ids if i is not None and i < self.vocab_size]] = True
+    self.continuation = np.zeros(self.vocab_size, bool)
+    for token, i in tokenizer.get_vocab().items():
+      if token.startswith("##") and i < self.vocab_size:
+        self.continuation[i] = True
+
+  def __call__(self, ids_BxL: np.ndarray, valid_BxL: np.ndarray, key: tuple[int, ...]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(key)
+    candidate = valid_BxL & ~self.special[ids_BxL]
+    if self.whole_word:  # one draw per word, read by its "##" pieces from the word's first piece
+      starts = ~self.continuation[ids_BxL]
+      first_BxL = np.maximum.accumulate(np.where(starts, np.arange(ids_BxL.shape[1])[None, :], 0), axis=1)
+      draw = np.take_along_axis(rng.random(ids_BxL.shape), first_BxL, axis=1)
+      chosen = candidate & (draw < self.prob)
+    else:
+      chosen = candidate & (rng.random(ids_BxL.shape) < self.prob)
+    # At most P predictions per row (as BERT's max_predictions_per_seq): the head runs on
+    # BxP gathered positions instead of BxL, which matters with a 30k vocabulary.
+    b, seq = ids_BxL.shape
+    p = self.max_predictions(seq)
+    chosen &= np.cumsum(chosen, axis=1) <= p
+    action = rng.random(ids_BxL.shape)
+    inputs = ids_BxL.copy()
+    inputs[chosen & (action < 0.8)] = self.mask_id
+    swap = chosen & (action >= 0.8) & (action < 0.9)
+    inputs[swap] = rng.integers(0, self.vocab_size, size=int(swap.sum()))
+    positions = np.zeros((b, p), np.int32)
+    weights = np.zeros((b, p), np.float32)
+    rows, cols = np.nonzero(chosen)
+    slot = (np.cumsum(chosen, axis=1) - 1)[rows, cols]
+    positions[rows, slot], weights[rows, slot] = cols, 1.0
+    return {
+      "input_ids": inputs.astype(np.int32),
+      "attention_mask": valid_BxL.astype(np.int32),
+      "token_type_ids": np.zeros_like(inputs, np.int32),
+      "masked_positions": positions,
+      "labels": np.take_along_axis(ids_BxL, positions, axis=1).astype(np.int32),
+      "weights": weights,
+    }
+
+  def max_predictions(self, seq_len: int) -> int:
+    return int(np.ceil(seq_len * self.prob * 1.5)) + 4
+
+
 class PackedIterator:
   """Seeded, resumable batches of next-token windows from one token stream."""
 
@@ -117,8 +173,10 @@ class PackedIterator:
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    masker: MaskedLM | None = None,
   ):
     self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+    self.masker = masker
     self.windows = (len(tokens) - seq_len) // seq_len  # the same count for any offset < seq_len
     if self.windows < batch_size:
       raise ValueError(
@@ -149,19 +207,30 @@ class PackedIterator:
     return self
 
   def __next__(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    s = self.starts(self.epoch)[self.index * self.batch_size : (self.index + 1) * self.batch_size][self.rows]
+    s = self.starts(self.epoch)[self.index * self.batch_size : (self.index + 1) * self.batch_size]
     win = self.tokens[s[:, None] + np.arange(self.seq_len + 1)[None, :]]
+    if self.masker is None:  # next-token prediction
+      batch = {"input_ids": win[:, :-1], "labels": win[:, 1:], "weights": np.ones(win[:, 1:].shape, np.float32)}
+    else:  # masked LM on the first seq_len tokens; masks drawn for the global batch, then sliced
+      ids = win[:, :-1]
+      batch = self.masker(ids, np.ones(ids.shape, bool), (self.seed, self.epoch, self.index))
     self.index += 1
     if self.index == self.steps_per_epoch:
       self.epoch, self.index = self.epoch + 1, 0
-    batch = {"input_ids": win[:, :-1], "labels": win[:, 1:], "weights": np.ones(win[:, 1:].shape, np.float32)}
-    return batch, self.get_state()
+    return {k: v[self.rows] for k, v in batch.items()}, self.get_state()
 
 
 def eval_batches(
-  tokens: np.ndarray, *, seq_len: int, batch_size: int, process_index: int = 0, process_count: int = 1
+  tokens: np.ndarray,
+  *,
+  seq_len: int,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  masker: MaskedLM | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Consecutive windows: each of tokens[1:] is a target exactly once, with context from its window."""
+  """Consecutive windows: each of tokens[1:] is a target exactly once, with context from its
+  window. With `masker`, the windows are masked with a fixed key, the same at every eval."""
   n_targets = len(tokens) - 1
   n_windows = -(-n_targets // seq_len)
   per = batch_size // process_count
@@ -174,4 +243,8 @@ def eval_batches(
       s = w * seq_len
       n = min(seq_len, n_targets - s)
       ids[r, :n], labels[r, :n], weights[r, :n] = tokens[s : s + n], tokens[s + 1 : s + n + 1], 1.0
-    yield {"input_ids": ids[rows], "labels": labels[rows], "weights": weights[rows]}
+    if masker is None:
+      batch = {"input_ids": ids, "labels": labels, "weights": weights}
+    else:
+      batch = masker(ids, weights > 0, (0, first))
+    yield {k: v[rows] for k, v in batch.items()}

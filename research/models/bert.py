@@ -205,3 +205,28 @@ def mean_pool(hidden_BxLxH: jax.Array, attention_mask_BxL: jax.Array) -> jax.Arr
   """Sentence embedding as sentence-transformers computes it: mean over real tokens."""
   m_BxLx1 = attention_mask_BxL[..., None].astype(hidden_BxLxH.dtype)
   return (hidden_BxLxH * m_BxLx1).sum(1) / jnp.maximum(m_BxLx1.sum(1), 1e-9)
+
+
+class BertForMaskedLM(nn.Module):
+  """Masked-LM pretraining: encoder -> dense + act + LayerNorm -> logits over the vocabulary,
+  with the decoder tied to the word embeddings (plus a bias), as HF `BertForMaskedLM`."""
+
+  cfg: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self, input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, masked_positions_BxP=None, *, train: bool = False
+  ):
+    """Logits BxPxV at `masked_positions` (BxLxV at every position when None)."""
+    cfg = self.cfg
+    hidden_BxLxH, _ = BertEncoder(cfg, self.dtype, name="bert")(
+      input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, train=train
+    )
+    if masked_positions_BxP is not None:
+      hidden_BxLxH = jnp.take_along_axis(hidden_BxLxH, masked_positions_BxP[..., None], axis=1)
+    h = _dense(cfg.hidden_size, cfg, self.dtype, "mlm_dense")(hidden_BxLxH)
+    h = _layer_norm(cfg, "mlm_norm")(_ACTIVATIONS[cfg.hidden_act](h))
+    embedding_VxH = self.variables["params"]["bert"]["token_embed"]["embedding"]
+    bias_V = self.param("mlm_bias", nn.initializers.zeros, (cfg.vocab_size,))
+    return jnp.einsum("blh,vh->blv", h.astype(jnp.float32), embedding_VxH) + bias_V[None, None, :]

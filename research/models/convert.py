@@ -282,3 +282,61 @@ def save_hf_folder(
   if tokenizer is not None:
     tokenizer.save_pretrained(str(out))
   return out
+
+
+# --- masked-LM checkpoints (BertForMaskedLM) ---------------------------------------------
+
+# HF name -> (our top-level path, transform). The decoder weight is tied to the word embeddings.
+MLM_HEAD = [
+  ("cls.predictions.transform.dense.weight", ("mlm_dense", "kernel"), _T),
+  ("cls.predictions.transform.dense.bias", ("mlm_dense", "bias"), _I),
+  ("cls.predictions.transform.LayerNorm.weight", ("mlm_norm", "scale"), _I),
+  ("cls.predictions.transform.LayerNorm.bias", ("mlm_norm", "bias"), _I),
+  ("cls.predictions.bias", ("mlm_bias",), _I),
+]
+
+
+def load_hf_mlm_folder(name_or_path: str) -> tuple[BertConfig, dict]:
+  """A `BertForMaskedLM` folder -> (config, params of our BertForMaskedLM). Strict on the head."""
+  folder = resolve_pretrained(name_or_path)
+  cfg = read_config(folder)
+  tensors = _read_tensors(folder)
+  encoder, _, _ = hf_to_params(tensors, cfg, source=str(folder))
+  missing = [hf for hf, _, _ in MLM_HEAD if hf not in tensors]
+  if missing:
+    raise WeightsError(f"{folder}: not a masked-LM checkpoint; missing {', '.join(missing)}")
+  flat = {("bert", *k): v for k, v in flax.traverse_util.flatten_dict(encoder).items()}
+  for hf, ours, fn in MLM_HEAD:
+    flat[ours] = fn(np.asarray(tensors[hf], np.float32))
+  if ("bert", "pooler", "kernel") not in flat:  # BertForMaskedLM has no pooler: keep a zero one
+    h = cfg.hidden_size
+    flat[("bert", "pooler", "kernel")], flat[("bert", "pooler", "bias")] = (
+      np.zeros((h, h), np.float32),
+      np.zeros(h, np.float32),
+    )
+  return cfg, flax.traverse_util.unflatten_dict(flat)
+
+
+def save_hf_mlm_folder(out_dir: str | Path, params: dict, cfg: BertConfig, tokenizer=None) -> Path:
+  """Write config.json + model.safetensors (+ tokenizer) loadable by HF `BertForMaskedLM`."""
+  from safetensors.numpy import save_file
+
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  hf_cfg = {k: v for k, v in cfg.to_dict().items() if not k.startswith("lora_")} | {
+    "model_type": "bert",
+    "architectures": ["BertForMaskedLM"],
+    "position_embedding_type": "absolute",
+    "tie_word_embeddings": True,
+  }
+  (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+  tensors = {k: v for k, v in params_to_hf(params, cfg).items() if not k.startswith("bert.pooler.")}
+  p = jax.device_get(params)
+  for hf, ours, fn in MLM_HEAD:
+    v = np.asarray(p[ours[0]] if len(ours) == 1 else p[ours[0]][ours[1]], np.float32)
+    tensors[hf] = np.ascontiguousarray(v.T) if fn is _T else v
+  tensors["cls.predictions.decoder.weight"] = tensors["bert.embeddings.word_embeddings.weight"].copy()
+  save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(out))
+  return out

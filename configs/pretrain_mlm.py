@@ -1,0 +1,107 @@
+"""Pretrain a BERT with masked language modeling on plain text, then fine-tune it on GLUE.
+
+    python -m research.tokenizer --kind wordpiece --files ../shared/data/lm/wikitext2/wiki.valid.raw \
+        --vocab_size 8000 --out runs/tokenizers/wiki-wp8k
+    python -m research.main --config configs/pretrain_mlm.py:model=small \
+        --workdir runs/mlm-small --config.data.tokenizer=runs/tokenizers/wiki-wp8k
+    python -m research.predict --workdir runs/mlm-small --export_mlm runs/mlm-small/hf   # BertForMaskedLM
+    python -m research.main --config configs/glue.py:task=rte,model=tiny \
+        --config.model.init_from=runs/mlm-small/hf --workdir runs/rte-from-mlm
+
+Masking: 15% of tokens, 80% [MASK] / 10% random / 10% kept (`data.whole_word` for whole-word
+masking); the loss and MLM accuracy count masked positions only; perplexity = exp(loss).
+Sequences are packed from the token stream with [SEP] between documents (no padding).
+The default corpus is WikiText-2 raw: `valid` to train and `test` to evaluate (its train split
+is not in the offline data). Sizes: tiny (2x64), small (4x256), base (12x768).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+
+from configs import common
+from configs.pretrain_lm import default_lm_dir
+
+# name -> (layers, heads, width, intermediate)
+SIZES = {"tiny": (2, 2, 64, 128), "small": (4, 4, 256, 1024), "base": (12, 12, 768, 3072)}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = common.parse_arg(arg, model="small", smoke=False)
+  if a.model not in SIZES:
+    raise ValueError(f"unknown model size {a.model!r}: expected one of {', '.join(SIZES)}")
+  layers, heads, width, inter = SIZES[a.model]
+  wiki = Path(default_lm_dir()) / "wikitext2"
+  c = ml_collections.ConfigDict()
+  c.task = "mlm"
+  c.eval_split = "val"
+  c.seed = 0
+  c.rng_impl = "threefry2x32"
+  c.data = dict(
+    train_files=str(wiki / "wiki.valid.raw"),
+    val_files=str(wiki / "wiki.test.raw"),
+    val_fraction=0.0,
+    tokenizer="minilm",  # a WordPiece folder (python -m research.tokenizer) or a preset/hub name
+    document="lines",
+    seq_len=128,
+    mask_prob=0.15,
+    whole_word=False,
+    prefetch=2,
+  )
+  c.model = ml_collections.ConfigDict(
+    dict(
+      name=a.model,
+      arch="bert_mlm",
+      init_from="",
+      dtype="float32",
+      vocab_size=0,
+      num_hidden_layers=layers,
+      num_attention_heads=heads,
+      hidden_size=width,
+      intermediate_size=inter,
+      max_position_embeddings=512,
+      hidden_dropout_prob=0.1,
+    )
+  )
+  c.loss = "softmax_xent"
+  c.loss_kwargs = dict()
+  c.teacher = ""
+  c.finetune = dict(strategy="full", top_k=0, lora_rank=0, lora_alpha=0.0, lora_targets=())
+  c.optimizer = dict(
+    name="adamw",
+    lr=1e-3 if a.model != "base" else 1e-4,
+    b1=0.9,
+    b2=0.98,
+    eps=1e-6,
+    momentum=0.9,
+    weight_decay=0.01,
+    schedule="linear",
+    warmup_ratio=0.06,
+    warmup_steps=0,
+    end_lr_ratio=0.0,
+    clip_norm=1.0,
+    grad_accum=1,
+    layer_decay=1.0,
+  )
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.num_epochs = 0.0
+  c.num_train_steps = 3000
+  c.log_every_steps = 50
+  c.eval_every_steps = 250
+  c.checkpoint_every_steps = 250
+  c.best_metric = "loss"
+  c.early_stopping_patience = 0
+  c.progress = True
+  c.num_devices = 0
+  c.parallel = "jit"
+  c.distributed = False
+  c.donate = True
+  c.resume = ""
+  if a.smoke:
+    c.num_train_steps, c.eval_every_steps, c.log_every_steps, c.checkpoint_every_steps = 20, 10, 5, 10
+    c.data.seq_len = 64
+  c.lock()
+  return c
