@@ -84,3 +84,55 @@ def model_config(name: str) -> ml_collections.ConfigDict:
   )
   m.update(MODELS[name])
   return m
+
+
+def optimizer(**overrides) -> dict:
+  """Optimizer fields (research/optim.py); defaults are the BERT fine-tuning recipe."""
+  o = dict(
+    name="adamw",
+    lr=5e-5,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-6,
+    momentum=0.9,
+    weight_decay=0.01,
+    schedule="linear",  # constant | linear | cosine | inverse_sqrt
+    warmup_ratio=0.1,
+    warmup_steps=0,  # > 0 overrides warmup_ratio
+    end_lr_ratio=0.0,
+    clip_norm=1.0,
+    grad_accum=1,  # micro-batches per step (batch_size is the global batch)
+    layer_decay=1.0,  # < 1: layer-wise lr decay, lr * decay ** (depth from the top)
+  )
+  unknown = set(overrides) - set(o)
+  if unknown:
+    raise KeyError(f"unknown optimizer fields {sorted(unknown)}")
+  return o | overrides
+
+
+def run_control(c: ml_collections.ConfigDict, **overrides) -> None:
+  """Logging, evaluation, checkpointing and parallelism fields every config has."""
+  fields = dict(
+    log_every_steps=100,
+    eval_every_steps=500,
+    checkpoint_every_steps=500,
+    best_metric="",  # "" = the task's main metric
+    early_stopping_patience=0,  # > 0: stop after this many evals without a new best
+    progress=True,
+    num_devices=0,  # 0 = all
+    parallel="jit",  # jit | pmap
+    distributed=False,  # call jax.distributed.initialize() (multi-host)
+    donate=True,
+    resume="",  # another run's checkpoints/ folder to start from
+  )
+  c.update(fields | overrides)
+
+
+def set_fields(c: ml_collections.ConfigDict, fields: dict, sep: str = ".") -> None:
+  """Set nested fields by path: {"optimizer.lr": 1e-3} (or with sep="__" for keyword arguments)."""
+  for key, value in fields.items():
+    node = c
+    *path, last = key.split(sep)
+    for part in path:
+      node = node[part]
+    node[last] = value

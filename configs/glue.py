@@ -56,39 +56,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.finetune = dict(strategy="full", top_k=2, lora_rank=8, lora_alpha=16.0, lora_targets=("query", "value"))
 
   # BERT paper recipe: AdamW, lr in {2,3,5}e-5, batch 32, 10% warmup then linear decay.
-  c.optimizer = dict(
-    name="adamw",
-    lr=5e-5,
-    b1=0.9,
-    b2=0.999,
-    eps=1e-6,
-    momentum=0.9,
-    weight_decay=0.01,
-    schedule="linear",  # constant | linear | cosine | inverse_sqrt
-    warmup_ratio=0.1,
-    warmup_steps=0,  # > 0 overrides warmup_ratio
-    end_lr_ratio=0.0,
-    clip_norm=1.0,
-    grad_accum=1,  # micro-batches per step (batch_size is the global batch)
-    layer_decay=1.0,  # < 1: layer-wise lr decay, lr * decay ** (depth from the top)
-  )
+  c.optimizer = common.optimizer()
   c.batch_size = 32
   c.eval_batch_size = 64
   c.num_epochs = 3.0
   c.num_train_steps = 0  # > 0 overrides num_epochs
 
-  c.log_every_steps = 100
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
-  c.best_metric = ""  # "" = the task's main metric
-  c.early_stopping_patience = 0  # > 0: stop after this many evals without a new best
-  c.progress = True
-
-  c.num_devices = 0  # 0 = all
-  c.parallel = "jit"
-  c.distributed = False  # call jax.distributed.initialize() (multi-host)
-  c.donate = True
-  c.resume = ""  # another run's checkpoints/ folder to start from
+  common.run_control(c)
 
   c.update(TASK_DEFAULTS.get(a.task, {}))
   if a.smoke:

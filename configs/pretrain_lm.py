@@ -78,37 +78,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss_kwargs = dict()
   c.teacher = ""
   c.finetune = dict(strategy="full", top_k=0, lora_rank=0, lora_alpha=0.0, lora_targets=())
-  c.optimizer = dict(
-    name="adamw",
+  c.optimizer = common.optimizer(
     lr=1e-3,
-    b1=0.9,
     b2=0.99,
     eps=1e-8,
-    momentum=0.9,
     weight_decay=0.1,
     schedule="cosine",
     warmup_ratio=0.0,
     warmup_steps=100,
     end_lr_ratio=0.1,
-    clip_norm=1.0,
-    grad_accum=1,
-    layer_decay=1.0,
   )
   c.batch_size = 12
   c.eval_batch_size = 64
   c.num_epochs = 0.0
   c.num_train_steps = 2000
-  c.log_every_steps = 100
-  c.eval_every_steps = 250
-  c.checkpoint_every_steps = 250
-  c.best_metric = "loss"
-  c.early_stopping_patience = 0
-  c.progress = True
-  c.num_devices = 0
-  c.parallel = "jit"
-  c.distributed = False
-  c.donate = True
-  c.resume = ""
+  common.run_control(c, eval_every_steps=250, checkpoint_every_steps=250, best_metric="loss")
   if a.model == "shakespeare":
     c.model.positions, c.optimizer.lr, c.num_train_steps, c.eval_every_steps = "rope", 2e-3, 1500, 500
   if a.model == "small":

@@ -69,37 +69,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss_kwargs = dict()
   c.teacher = ""
   c.finetune = dict(strategy="full", top_k=0, lora_rank=0, lora_alpha=0.0, lora_targets=())
-  c.optimizer = dict(
-    name="adamw",
-    lr=1e-3 if a.model != "base" else 1e-4,
-    b1=0.9,
-    b2=0.98,
-    eps=1e-6,
-    momentum=0.9,
-    weight_decay=0.01,
-    schedule="linear",
-    warmup_ratio=0.06,
-    warmup_steps=0,
-    end_lr_ratio=0.0,
-    clip_norm=1.0,
-    grad_accum=1,
-    layer_decay=1.0,
-  )
+  c.optimizer = common.optimizer(lr=1e-3 if a.model != "base" else 1e-4, b2=0.98, warmup_ratio=0.06)
   c.batch_size = 32
   c.eval_batch_size = 64
   c.num_epochs = 0.0
   c.num_train_steps = 3000
-  c.log_every_steps = 50
-  c.eval_every_steps = 250
-  c.checkpoint_every_steps = 250
-  c.best_metric = "loss"
-  c.early_stopping_patience = 0
-  c.progress = True
-  c.num_devices = 0
-  c.parallel = "jit"
-  c.distributed = False
-  c.donate = True
-  c.resume = ""
+  common.run_control(c, log_every_steps=50, eval_every_steps=250, checkpoint_every_steps=250, best_metric="loss")
   if a.smoke:
     c.num_train_steps, c.eval_every_steps, c.log_every_steps, c.checkpoint_every_steps = 20, 10, 5, 10
     c.data.seq_len = 64

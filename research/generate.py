@@ -116,6 +116,7 @@ def generate_long(params, prompt_BxP, rng, *, model: GPT, max_new_tokens: int, *
 # Command line: sample from a training workdir.
 # ---------------------------------------------------------------------------------------
 
+
 def _define_flags() -> None:
   """Flags exist only when this file is the program (predict.py defines --workdir too)."""
   flags.DEFINE_string("workdir", None, "A causal-LM training workdir.")

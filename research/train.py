@@ -38,6 +38,17 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 # ---------------------------------------------------------------------------------------
 
 
+def _scratch_bert(mc: ml_collections.ConfigDict, vocab_size: int) -> BertConfig:
+  return BertConfig(
+    vocab_size=mc.vocab_size or vocab_size,
+    hidden_size=mc.hidden_size,
+    num_hidden_layers=mc.num_hidden_layers,
+    num_attention_heads=mc.num_attention_heads,
+    intermediate_size=mc.intermediate_size,
+    max_position_embeddings=mc.max_position_embeddings,
+  )
+
+
 def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int, rng: jax.Array, ft=None):
   """Returns (module, params, architecture dict): pretrained from `init_from`, else random.
 
@@ -58,14 +69,7 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
     params = jax.jit(lambda r: model.init(r, ids))(rng)["params"]
     return model, params, {"arch": "gpt", **cfg.to_dict()}
   if mc.arch == "bert_mlm":  # masked-LM pretraining from scratch
-    cfg = BertConfig(
-      vocab_size=mc.vocab_size or vocab_size,
-      hidden_size=mc.hidden_size,
-      num_hidden_layers=mc.num_hidden_layers,
-      num_attention_heads=mc.num_attention_heads,
-      intermediate_size=mc.intermediate_size,
-      max_position_embeddings=mc.max_position_embeddings,
-    )
+    cfg = _scratch_bert(mc, vocab_size)
     model = BertForMaskedLM(cfg, dtype=jnp.dtype(mc.dtype))
     params = jax.jit(lambda r: model.init(r, ids, ids, ids, train=False))(rng)["params"]
     return model, params, {"arch": "bert_mlm", **cfg.to_dict()}
@@ -78,14 +82,7 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
   if mc.init_from:
     cfg, encoder, heads, _ = convert.load_hf_folder(mc.init_from)
   else:
-    cfg = BertConfig(
-      vocab_size=mc.vocab_size or vocab_size,
-      hidden_size=mc.hidden_size,
-      num_hidden_layers=mc.num_hidden_layers,
-      num_attention_heads=mc.num_attention_heads,
-      intermediate_size=mc.intermediate_size,
-      max_position_embeddings=mc.max_position_embeddings,
-    )
+    cfg = _scratch_bert(mc, vocab_size)
   overrides = {k: mc[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if mc[k] >= 0}
   if ft is not None and ft.strategy == "lora":
     overrides |= {"lora_rank": ft.lora_rank, "lora_alpha": ft.lora_alpha, "lora_targets": tuple(ft.lora_targets)}

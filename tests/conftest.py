@@ -66,6 +66,7 @@ def module_glue(tmp_path_factory, glue_dir) -> Path:
 
 def tiny_config(glue: Path, **overrides):
   """A seconds-long SST-2 run on the tiny random-init model."""
+  from configs import common
   from configs import glue as glue_cfg
 
   c = glue_cfg.get_config("task=sst2,model=tiny")
@@ -81,11 +82,6 @@ def tiny_config(glue: Path, **overrides):
   c.log_every_steps = 2
   c.progress = False
   c.data.prefetch = 2
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  common.set_fields(c, overrides)
   c.lock()
   return c

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import pretrain_lm
+from configs import common, pretrain_lm
 from research import generate, train
 from research.data import lm
 from research.models.gpt import GPT, GPTConfig
@@ -109,12 +109,7 @@ def _lm_config(tmp_path, **overrides):
   c.batch_size, c.eval_batch_size = 8, 16
   c.num_train_steps, c.eval_every_steps, c.checkpoint_every_steps, c.log_every_steps = 12, 6, 3, 3
   c.progress = False
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  common.set_fields(c, overrides)
   c.lock()
   return c
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import glue
+from configs import common, glue
 
 
 def base_config(arg: str | None, default: str, **fields) -> ml_collections.ConfigDict:
@@ -17,11 +17,6 @@ def base_config(arg: str | None, default: str, **fields) -> ml_collections.Confi
   c.eval_every_steps = 60
   c.checkpoint_every_steps = 60
   c.log_every_steps = 20
-  for key, value in fields.items():
-    node = c
-    *path, last = key.split("__")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  common.set_fields(c, fields, sep="__")
   c.lock()
   return c
