@@ -1,0 +1,77 @@
+"""Compile time of the train step: cold, then warm from JAX's persistent compilation cache.
+
+    python benchmarks/compile.py [--shape minilm|shakespeare]
+
+Runs a child process twice with the same fresh cache directory (what research/main.py passes
+as --compilation_cache, default ~/.cache/research/jax): the first compiles from scratch and
+fills the cache, the second finds the executable there. Each child times tracing + lowering
+(Python; the persistent cache cannot skip it) and XLA compilation (what the cache replaces) of
+our train step with the batch shape the trainer uses, and the whole process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import functools, json, sys, time
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+from configs import glue, pretrain_lm
+from research import losses, optim, steps, train
+if sys.argv[2] == "minilm":
+  c = glue.get_config("model=minilm-scratch")
+  model, params, _ = train.build_model(c.model, 2, 30522, jax.random.PRNGKey(0), c.finetune)
+  b, L = 32, 128
+  batch = {"input_ids": np.ones((b, L), np.int32), "attention_mask": np.ones((b, L), np.int32),
+           "token_type_ids": np.zeros((b, L), np.int32), "labels": np.zeros(b, np.int32), "weights": np.ones(b, np.float32)}
+else:
+  c = pretrain_lm.get_config("model=shakespeare")
+  model, params, _ = train.build_model(c.model, 65, 65, jax.random.PRNGKey(0), c.finetune)
+  batch = {"input_ids": np.ones((12, 64), np.int32), "labels": np.ones((12, 64), np.int32), "weights": np.ones((12, 64), np.float32)}
+tx, sched = optim.make_optimizer(c.optimizer, params, 1000)
+state = steps.create_state(params, tx, jax.random.key_data(jax.random.key(1)))
+fn = jax.jit(functools.partial(steps.train_step, model=model, loss_fn=losses.get_loss("softmax_xent"), tx=tx, schedule=sched), donate_argnums=0)
+t = time.perf_counter()
+lowered = fn.lower(state, batch)
+t1 = time.perf_counter()
+lowered.compile()
+t2 = time.perf_counter()
+print(json.dumps({"trace_s": t1 - t, "compile_s": t2 - t1}))
+"""
+
+
+def child(cache: str, shape: str) -> dict:
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  t = time.perf_counter()
+  out = subprocess.run([sys.executable, "-c", CHILD, cache, shape], env=env, capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1]) | {"process_s": time.perf_counter() - t}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--shape", default="minilm", choices=["minilm", "shakespeare"])
+  args = ap.parse_args()
+  with tempfile.TemporaryDirectory() as cache:
+    cold, warm = child(cache, args.shape), child(cache, args.shape)
+  print(f"| {args.shape} train step | trace + lower | XLA compile | both | whole process |\n|---|---|---|---|---|")
+  for name, r in (("cold (empty cache)", cold), ("warm (persistent cache)", warm)):
+    both = r["trace_s"] + r["compile_s"]
+    print(f"| {name} | {r['trace_s']:.2f} s | {r['compile_s']:.2f} s | {both:.2f} s | {r['process_s']:.1f} s |")
+  ratio = lambda k: 100 * warm[k] / cold[k]  # noqa: E731
+  both = 100 * (warm["trace_s"] + warm["compile_s"]) / (cold["trace_s"] + cold["compile_s"])
+  print(f"| warm / cold | {ratio('trace_s'):.0f}% | {ratio('compile_s'):.1f}% | {both:.0f}% | |")
+
+
+if __name__ == "__main__":
+  main()
