@@ -142,17 +142,17 @@ def predict_texts(p: Predictor, lines: list[str]) -> list[dict]:
   return out
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
-_STEP = flags.DEFINE_string("step", "best", "best | latest | a step number")
-_SPLIT = flags.DEFINE_string("split", None, "Predict a split: dev, test, dev_matched, ...")
-_OUT = flags.DEFINE_string("out", None, "Where prediction files go (default: WORKDIR/predictions)")
-_TEXT = flags.DEFINE_multi_string("text", [], "Classify this text (pairs: tab-separated); repeatable.")
-_STDIN = flags.DEFINE_bool("stdin", False, "Classify one text (or tab-separated pair) per stdin line.")
-_EXPORT = flags.DEFINE_string("export_hf", None, "Write a Hugging Face BertForSequenceClassification folder here.")
-_EXPORT_MLM = flags.DEFINE_string(
-  "export_mlm", None, "Masked-LM run: write a Hugging Face BertForMaskedLM folder here."
-)
-flags.mark_flag_as_required("workdir")
+def _define_flags() -> None:
+  """Flags exist only when this file is the program, so its functions import anywhere."""
+  flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
+  flags.DEFINE_string("step", "best", "best | latest | a step number")
+  flags.DEFINE_string("split", None, "Predict a split: dev, test, dev_matched, ...")
+  flags.DEFINE_string("out", None, "Where prediction files go (default: WORKDIR/predictions)")
+  flags.DEFINE_multi_string("text", [], "Classify this text (pairs: tab-separated); repeatable.")
+  flags.DEFINE_bool("stdin", False, "Classify one text (or tab-separated pair) per stdin line.")
+  flags.DEFINE_string("export_hf", None, "Write a Hugging Face BertForSequenceClassification folder here.")
+  flags.DEFINE_string("export_mlm", None, "Masked-LM run: write a Hugging Face BertForMaskedLM folder here.")
+  flags.mark_flag_as_required("workdir")
 
 
 def export_mlm(workdir: str | Path, out: str | Path, step: str = "best") -> Path:
@@ -173,17 +173,18 @@ def export_mlm(workdir: str | Path, out: str | Path, step: str = "best") -> Path
 
 def main(argv):
   del argv
-  if _EXPORT_MLM.value:
-    print(f"exported to {export_mlm(_WORKDIR.value, _EXPORT_MLM.value, _STEP.value)}", file=sys.stderr)
+  f = flags.FLAGS
+  if f.export_mlm:
+    print(f"exported to {export_mlm(f.workdir, f.export_mlm, f.step)}", file=sys.stderr)
     return
-  p = Predictor(_WORKDIR.value, _STEP.value)
+  p = Predictor(f.workdir, f.step)
   print(f"# {p.workdir} step {p.step} ({p.task.name})", file=sys.stderr)
-  if _SPLIT.value:
-    print(json.dumps(predict_split(p, _SPLIT.value, Path(_OUT.value or p.workdir / "predictions"))))
-  lines = list(_TEXT.value) + (sys.stdin.read().splitlines() if _STDIN.value else [])
+  if f.split:
+    print(json.dumps(predict_split(p, f.split, Path(f.out or p.workdir / "predictions"))))
+  lines = list(f.text) + (sys.stdin.read().splitlines() if f.stdin else [])
   for r in predict_texts(p, lines) if lines else []:
     print(json.dumps(r))
-  if _EXPORT.value:
+  if f.export_hf:
     if p.bert_cfg is None or p.pooling != "cls":
       raise app.UsageError(
         "--export_hf: BertForSequenceClassification classifies the pooled [CLS]; this run uses "
@@ -192,7 +193,7 @@ def main(argv):
     id2label = None if p.task.is_regression else dict(enumerate(p.task.labels))
     problem = "regression" if p.task.is_regression else "single_label_classification"
     out = convert.save_hf_folder(
-      _EXPORT.value,
+      f.export_hf,
       p.params,
       p.bert_cfg,
       num_labels=p.task.num_labels,
@@ -204,4 +205,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
