@@ -120,6 +120,7 @@ def run_control(c: ml_collections.ConfigDict, **overrides) -> None:
     early_stopping_patience=0,  # > 0: stop after this many evals without a new best
     progress=True,
     num_devices=0,  # 0 = all
+    fsdp=1,  # > 1: shard parameters and optimizer state over groups of this many devices
     parallel="jit",  # jit | pmap
     distributed=False,  # call jax.distributed.initialize() (multi-host)
     donate=True,

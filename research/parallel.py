@@ -2,7 +2,10 @@
 
 The main path (`config.parallel = "jit"`): one `Mesh` with a `data` axis; batches are
 sharded on `P("data")`, the state is replicated, and `jax.jit` inserts the gradient
-all-reduce. `"pmap"` runs the same step under `jax.pmap`, each device on its shard, with an
+all-reduce. With `config.fsdp = k > 1` the mesh is `data x fsdp` (k devices per fsdp group):
+batches are sharded over both axes and every large parameter and optimizer-state array is
+sharded over `fsdp` along its largest divisible dimension (ZeRO-3 style, `state_shardings`);
+XLA all-gathers weights for the matmuls and reduce-scatters the gradients. `"pmap"` runs the same step under `jax.pmap`, each device on its shard, with an
 explicit psum of gradient and loss sums. On several hosts each process feeds its own rows and
 `jax.make_array_from_process_local_data` builds the global batch.
 """
@@ -29,16 +32,43 @@ def maybe_initialize_distributed(enabled: bool) -> None:
     log.info("process %d/%d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count())
 
 
-def make_mesh(num_devices: int = 0) -> Mesh:
+def make_mesh(num_devices: int = 0, fsdp: int = 1) -> Mesh:
   devices = jax.devices()
   n = num_devices or len(devices)
   if n > len(devices):
     raise ValueError(f"config.num_devices={n} but only {len(devices)} devices are visible")
-  return jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=devices[:n])
+  if fsdp <= 1:
+    return jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=devices[:n])
+  if n % fsdp:
+    raise ValueError(f"config.fsdp={fsdp} must divide the number of devices ({n})")
+  return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2, devices=devices[:n])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P("data"))
+  """Rows split over every device: P("data"), or P(("data", "fsdp")) with an fsdp axis."""
+  return NamedSharding(mesh, P(tuple(mesh.axis_names) if len(mesh.axis_names) > 1 else "data"))
+
+
+# Arrays smaller than this stay replicated under fsdp: sharding them saves little and costs a collective.
+FSDP_MIN_SIZE = 2**14
+
+
+def fsdp_sharding(x, mesh: Mesh) -> NamedSharding:
+  """Shard `x` over `fsdp` along its largest dimension the group size divides, else replicate."""
+  k = dict(mesh.shape).get("fsdp", 1)
+  shape = getattr(x, "shape", ())
+  if k == 1 or len(shape) == 0 or np.prod(shape) < FSDP_MIN_SIZE:
+    return replicated(mesh)
+  dims = [d for d in range(len(shape)) if shape[d] % k == 0]
+  if not dims:
+    return replicated(mesh)
+  d = max(dims, key=lambda i: shape[i])
+  return NamedSharding(mesh, P(*[("fsdp" if i == d else None) for i in range(len(shape))]))
+
+
+def state_shardings(tree, mesh: Mesh):
+  """The sharding of every leaf of a train state (or params): replicated, or fsdp rules."""
+  return jax.tree.map(lambda x: fsdp_sharding(x, mesh), tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -46,7 +76,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, grad_accum: int = 1) -> None:
-  n = mesh.shape["data"]
+  n = mesh.size
   if batch_size % (n * grad_accum):
     raise ValueError(f"config.batch_size={batch_size} must be divisible by devices ({n}) x grad_accum ({grad_accum})")
 
@@ -61,18 +91,20 @@ def replicate(tree, mesh: Mesh):
   return jax.device_put(tree, replicated(mesh))
 
 
-def compile_train_step(step_fn: Callable, mesh: Mesh, donate: bool = True) -> Callable:
-  """jit with the state replicated and donated, the batch sharded on `data`."""
+def compile_train_step(step_fn: Callable, mesh: Mesh, donate: bool = True, state_sharding=None) -> Callable:
+  """jit with the state replicated (or as `state_sharding` says) and donated, the batch sharded."""
+  state_sharding = replicated(mesh) if state_sharding is None else state_sharding
   return jax.jit(
     step_fn,
-    in_shardings=(replicated(mesh), batch_sharding(mesh)),
-    out_shardings=(replicated(mesh), replicated(mesh)),
+    in_shardings=(state_sharding, batch_sharding(mesh)),
+    out_shardings=(state_sharding, replicated(mesh)),
     donate_argnums=(0,) if donate else (),
   )
 
 
-def compile_eval_step(step_fn: Callable, mesh: Mesh) -> Callable:
-  return jax.jit(step_fn, in_shardings=(replicated(mesh), batch_sharding(mesh)))
+def compile_eval_step(step_fn: Callable, mesh: Mesh, state_sharding=None) -> Callable:
+  state_sharding = replicated(mesh) if state_sharding is None else state_sharding
+  return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding(mesh)))
 
 
 class Strategy:
@@ -85,19 +117,22 @@ class Strategy:
   def __init__(self, kind: str, mesh: Mesh):
     if kind not in ("jit", "pmap"):
       raise ValueError(f"config.parallel={kind!r}: expected 'jit' or 'pmap'")
+    if kind == "pmap" and "fsdp" in mesh.axis_names:
+      raise ValueError("config.fsdp > 1 needs config.parallel='jit' (pmap replicates the state on every device)")
     self.kind, self.mesh = kind, mesh
     self.n = mesh.shape["data"]
 
   def put_state(self, state):
-    """Replicated state (jit layout) -> the layout the compiled step takes."""
-    state = replicate(state, self.mesh)
+    """A state (any layout) -> the layout the compiled step takes."""
     if self.kind == "jit":
-      return state
+      return jax.device_put(state, state_shardings(state, self.mesh))
+    state = replicate(state, self.mesh)
     stacked = jax.tree.map(lambda x: jax.numpy.broadcast_to(x, (self.n, *x.shape)), state)
     return jax.device_put(stacked, batch_sharding(self.mesh))
 
   def get_state(self, state):
-    """The compiled step's layout -> replicated state (what checkpoints and eval use)."""
+    """The compiled step's layout -> the jit layout (what checkpoints hold: global arrays,
+    replicated or fsdp-sharded; Orbax restores them into any other layout)."""
     if self.kind == "jit":
       return state
     return replicate(jax.tree.map(lambda x: x[0], state), self.mesh)
@@ -125,7 +160,7 @@ class Strategy:
   def compile_train(self, step_fn: Callable, donate: bool = True) -> Callable:
     """`step_fn(state, batch, *, reduce)` -> compiled `(state, batch) -> (state, metrics)`."""
     if self.kind == "jit":
-      return compile_train_step(step_fn, self.mesh, donate)
+      return self._lazy(lambda sh: compile_train_step(step_fn, self.mesh, donate, sh))
     psum = lambda tree: jax.lax.psum(tree, "data")  # noqa: E731
 
     def per_device(state, batch):
@@ -139,9 +174,21 @@ class Strategy:
   def compile_eval(self, step_fn: Callable) -> Callable:
     """`step_fn(params, batch, *, reduce)` -> compiled `(state, batch) -> outputs`."""
     if self.kind == "jit":
-      return compile_eval_step(lambda state, batch: step_fn(state.params, batch), self.mesh)
+      return self._lazy(lambda sh: compile_eval_step(lambda state, batch: step_fn(state.params, batch), self.mesh, sh))
     psum = lambda tree: jax.lax.psum(tree, "data")  # noqa: E731
     return jax.pmap(lambda state, batch: step_fn(state.params, batch, reduce=psum), axis_name="data")
+
+
+  def _lazy(self, build: Callable) -> Callable:
+    """jit once the state's tree is known (its shardings follow from the shapes)."""
+    compiled = {}
+
+    def run(state, batch):
+      if "fn" not in compiled:
+        compiled["fn"] = build(state_shardings(state, self.mesh))
+      return compiled["fn"](state, batch)
+
+    return run
 
 
 def gather(x: jax.Array) -> np.ndarray:

@@ -144,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   loss_fn = losses.get_loss(config.loss or ("softmax_xent" if lm_task else task.default_loss))
 
   # --- Mesh ------------------------------------------------------------------------------
-  mesh = parallel.make_mesh(config.num_devices)
+  mesh = parallel.make_mesh(config.num_devices, config.get("fsdp", 1))
   strategy = parallel.Strategy(config.parallel, mesh)
   parallel.check_batch_size(config.batch_size, mesh, config.optimizer.grad_accum)
   parallel.check_batch_size(config.eval_batch_size, mesh)
