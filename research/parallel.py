@@ -178,7 +178,6 @@ class Strategy:
     psum = lambda tree: jax.lax.psum(tree, "data")  # noqa: E731
     return jax.pmap(lambda state, batch: step_fn(state.params, batch, reduce=psum), axis_name="data")
 
-
   def _lazy(self, build: Callable) -> Callable:
     """jit once the state's tree is known (its shardings follow from the shapes)."""
     compiled = {}

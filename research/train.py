@@ -110,10 +110,15 @@ def teacher_logits(config, train_ex, task) -> np.ndarray:
 
 
 class _Preemption:
-  """SIGTERM (TPU VM maintenance, Slurm) -> save at the next step boundary, then exit."""
+  """SIGTERM (TPU VM maintenance, Slurm) -> save at the next step boundary, then exit.
 
-  def __init__(self):
-    self.requested = False
+  With several processes the signal reaches each at a slightly different step, but all of them
+  must save the same step (the save is collective). So every `every` steps they all-gather
+  their flags and stop together when any was signalled.
+  """
+
+  def __init__(self, every: int = 5):
+    self.requested, self.every = False, every
     try:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. some notebook runners)
@@ -122,6 +127,16 @@ class _Preemption:
   def _handle(self, *_):
     log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
     self.requested = True
+
+  def stop_at(self, step: int) -> bool:
+    """Whether every process stops after `step` (the same answer on all of them)."""
+    if jax.process_count() == 1:
+      return self.requested
+    if step % self.every:
+      return False
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
   def restore(self):
     if self._old is not None:
@@ -272,7 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
       is_last = step == total_steps
       do_eval = is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
-      do_log = do_eval or step % config.log_every_steps == 0 or preempt.requested
+      stop_now = preempt.stop_at(step)
+      do_log = do_eval or step % config.log_every_steps == 0 or stop_now
       do_save = do_eval or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
       if do_log or do_save:
         _accumulate(sums, host_metrics(pending))
@@ -293,9 +309,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           log.info("early stop at step %d: %s has not improved for %d evals", step, best_metric, stale)
           stopped_early = True
           break
-      elif do_save or preempt.requested:
+      elif do_save or stop_now:
         save(step)
-      if preempt.requested:
+      if stop_now:
         ckpt.wait()
         log.warning("preempted: saved step %d; rerun the same command to resume", step)
         return {"step": step, "preempted": True}

@@ -27,7 +27,8 @@ _CHILD = textwrap.dedent("""
     from pathlib import Path
     from conftest import tiny_config
     from research import train
-    config = tiny_config(Path(glue), num_train_steps=steps, checkpoint_every_steps=3, eval_every_steps=3)
+    every = 3 if steps < 50 else 1000  # long runs: checkpoints come from SIGTERM and the end
+    config = tiny_config(Path(glue), num_train_steps=steps, checkpoint_every_steps=every, eval_every_steps=every)
     print("RESULT", train.train_and_evaluate(config, workdir))
 """)
 
@@ -38,7 +39,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(workdir, glue, nproc, steps):
+def _launch(workdir, glue, nproc, steps, wait=True):
   script = _CHILD.format(tests=str(REPO / "tests"), repo=str(REPO))
   port = str(_free_port())
   env = os.environ | {"HF_HUB_OFFLINE": "1"}
@@ -52,6 +53,8 @@ def _launch(workdir, glue, nproc, steps):
     )
     for pid in range(nproc)
   ]
+  if not wait:
+    return procs
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-4000:]
@@ -76,3 +79,35 @@ def test_two_processes_match_one_and_checkpoints_cross_over(small_glue, tmp_path
   s4, p4 = _final_params(tmp_path / "one")
   assert s3 == s4 == 9
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p3, p4)
+
+
+def test_sigterm_to_both_processes_saves_one_step_and_resumes_exactly(small_glue, tmp_path):
+  """SIGTERM reaches the two processes at different moments; they agree on one step to save
+  (train._Preemption all-gathers the flag), exit cleanly, and the rerun ends where a run that
+  was never interrupted ends."""
+  import json
+  import signal
+  import time
+
+  steps = 60
+  procs = _launch(tmp_path / "pre", small_glue, nproc=2, steps=steps, wait=False)
+  metrics = tmp_path / "pre" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+    metrics.exists() and any(json.loads(r)["step"] >= 10 for r in metrics.read_text().splitlines())
+  ):
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  time.sleep(0.05)
+  procs[0].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:]
+  assert all("'preempted': True" in o for o, _ in outs)
+  saved, _ = _final_params(tmp_path / "pre")
+  assert 10 <= saved < steps and saved % 5 == 0  # agreed at a check step
+  _launch(tmp_path / "pre", small_glue, nproc=2, steps=steps)
+  _launch(tmp_path / "straight", small_glue, nproc=2, steps=steps)
+  s_pre, p_pre = _final_params(tmp_path / "pre")
+  s_str, p_str = _final_params(tmp_path / "straight")
+  assert s_pre == s_str == steps
+  jax.tree.map(np.testing.assert_array_equal, p_pre, p_str)
