@@ -287,8 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
       is_last = step == total_steps
       do_eval = is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
-      stop_now = preempt.stop_at(step)
-      do_log = do_eval or step % config.log_every_steps == 0 or stop_now
+      do_log = do_eval or step % config.log_every_steps == 0 or preempt.requested
       do_save = do_eval or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
       if do_log or do_save:
         _accumulate(sums, host_metrics(pending))
@@ -298,6 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         writer.write(step, "train", train_m)
         sums = {}
         log.info("step %d: %s", step, _fmt(train_m))
+      stop_now = preempt.stop_at(step)  # after anything this step did (a signal may arrive mid-step)
       if do_eval:
         dev_metrics = data.evaluate(eval_fn, state, strategy)
         writer.write(step, config.eval_split, dev_metrics)

@@ -89,12 +89,12 @@ def test_sigterm_to_both_processes_saves_one_step_and_resumes_exactly(small_glue
   import signal
   import time
 
-  steps = 60
+  steps = 40
   procs = _launch(tmp_path / "pre", small_glue, nproc=2, steps=steps, wait=False)
   metrics = tmp_path / "pre" / "metrics.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline and not (
-    metrics.exists() and any(json.loads(r)["step"] >= 10 for r in metrics.read_text().splitlines())
+    metrics.exists() and any(json.loads(r)["step"] >= 8 for r in metrics.read_text().splitlines())
   ):
     time.sleep(0.2)
   procs[1].send_signal(signal.SIGTERM)
@@ -104,7 +104,7 @@ def test_sigterm_to_both_processes_saves_one_step_and_resumes_exactly(small_glue
   assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:]
   assert all("'preempted': True" in o for o, _ in outs)
   saved, _ = _final_params(tmp_path / "pre")
-  assert 10 <= saved < steps and saved % 5 == 0  # agreed at a check step
+  assert 8 <= saved < steps and saved % 5 == 0  # agreed at a check step
   _launch(tmp_path / "pre", small_glue, nproc=2, steps=steps)
   _launch(tmp_path / "straight", small_glue, nproc=2, steps=steps)
   s_pre, p_pre = _final_params(tmp_path / "pre")
