@@ -205,7 +205,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   del trainable
 
   # --- State, sharded; then restore by precedence -------------------------------------------
-  state = parallel.replicate(steps.create_state(params, tx, dropout_rng, mask), mesh)
+  # Placed as the step takes it (replicated, or sharded under fsdp) so Orbax restores into that layout.
+  state = strategy.put_state(steps.create_state(params, tx, dropout_rng, mask))
+  state = strategy.get_state(state)
   del params
   mode = "max" if higher_is_better else "min"
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", best_metric=best_metric, best_mode=mode)
