@@ -8,10 +8,10 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 from conftest import REPO
 from test_train import _final_params
 
@@ -44,22 +44,30 @@ def _launch(workdir, glue, nproc, steps, wait=True):
   script = _CHILD.format(tests=str(REPO / "tests"), repo=str(REPO))
   port = str(_free_port())
   env = os.environ | {"HF_HUB_OFFLINE": "1"}
+  # Output goes to files, not pipes: a child blocks once a pipe nobody reads fills up (64 KiB
+  # of INFO logs), which stalled the SIGTERM test while it polled for progress.
+  w = Path(workdir)
+  logs = [(w.parent / f"{w.name}.{port}.out{pid}", w.parent / f"{w.name}.{port}.err{pid}") for pid in range(nproc)]
   procs = [
     subprocess.Popen(
       [sys.executable, "-c", script, str(workdir), str(glue), str(pid), str(nproc), port, str(steps)],
       env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
+      stdout=open(out, "w"),  # noqa: SIM115 (the child owns it)
+      stderr=open(err, "w"),  # noqa: SIM115
     )
-    for pid in range(nproc)
+    for pid, (out, err) in enumerate(logs)
   ]
   if not wait:
-    return procs
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-4000:]
-  return [o for o, _ in outs]
+    return procs, logs
+  return _finish(procs, logs)
+
+
+def _finish(procs, logs, timeout=600):
+  for p in procs:
+    p.wait(timeout=timeout)
+  for p, (_, err) in zip(procs, logs):
+    assert p.returncode == 0, err.read_text()[-4000:]
+  return [out.read_text() for out, _ in logs]
 
 
 def test_two_processes_match_one_and_checkpoints_cross_over(small_glue, tmp_path):
@@ -82,7 +90,6 @@ def test_two_processes_match_one_and_checkpoints_cross_over(small_glue, tmp_path
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p3, p4)
 
 
-@pytest.mark.slow  # passed at 96bf0f7 (5.5 min); timed out at 8 min on the final commit: to investigate
 def test_sigterm_to_both_processes_saves_one_step_and_resumes_exactly(small_glue, tmp_path):
   """SIGTERM reaches the two processes at different moments; they agree on one step to save
   (train._Preemption all-gathers the flag), exit cleanly, and the rerun ends where a run that
@@ -92,7 +99,7 @@ def test_sigterm_to_both_processes_saves_one_step_and_resumes_exactly(small_glue
   import time
 
   steps = 40
-  procs = _launch(tmp_path / "pre", small_glue, nproc=2, steps=steps, wait=False)
+  procs, logs = _launch(tmp_path / "pre", small_glue, nproc=2, steps=steps, wait=False)
   metrics = tmp_path / "pre" / "metrics.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline and not (
@@ -102,9 +109,8 @@ def test_sigterm_to_both_processes_saves_one_step_and_resumes_exactly(small_glue
   procs[1].send_signal(signal.SIGTERM)
   time.sleep(0.05)
   procs[0].send_signal(signal.SIGTERM)
-  outs = [p.communicate(timeout=300) for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:]
-  assert all("'preempted': True" in o for o, _ in outs)
+  outs = _finish(procs, logs, timeout=300)
+  assert all("'preempted': True" in o for o in outs)
   saved, _ = _final_params(tmp_path / "pre")
   assert 8 <= saved < steps and saved % 5 == 0  # agreed at a check step
   _launch(tmp_path / "pre", small_glue, nproc=2, steps=steps)
