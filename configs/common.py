@@ -129,6 +129,27 @@ def run_control(c: ml_collections.ConfigDict, **overrides) -> None:
   c.update(fields | overrides)
 
 
+def pretraining(task: str) -> ml_collections.ConfigDict:
+  """The fields every from-scratch pretraining config shares: full training, plain cross-entropy,
+  a held-out `val` split, step-based length."""
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.eval_split = "val"
+  c.seed = 0
+  c.rng_impl = "threefry2x32"
+  c.loss = "softmax_xent"
+  c.loss_kwargs = dict()
+  c.teacher = ""
+  c.finetune = dict(strategy="full", top_k=0, lora_rank=0, lora_alpha=0.0, lora_targets=())
+  c.num_epochs = 0.0
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> None:
+  """A seconds-long run: 20 steps, eval and checkpoint every 10."""
+  c.num_train_steps, c.eval_every_steps, c.log_every_steps, c.checkpoint_every_steps = 20, 10, 5, 10
+
+
 def set_fields(c: ml_collections.ConfigDict, fields: dict, sep: str = ".") -> None:
   """Set nested fields by path: {"optimizer.lr": 1e-3} (or with sep="__" for keyword arguments)."""
   for key, value in fields.items():

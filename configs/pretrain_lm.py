@@ -44,11 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if a.model not in SIZES:
     raise ValueError(f"unknown model size {a.model!r}: expected one of {', '.join(SIZES)}")
   layers, heads, width, context = SIZES[a.model]
-  c = ml_collections.ConfigDict()
-  c.task = "lm"
-  c.eval_split = "val"
-  c.seed = 0
-  c.rng_impl = "threefry2x32"
+  c = common.pretraining("lm")
   c.data = dict(
     train_files=str(Path(default_lm_dir()) / "tinyshakespeare" / "input.txt"),
     val_files="",  # "" = the last val_fraction of train_files
@@ -74,10 +70,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       positions="learned",  # learned | rope
     )
   )
-  c.loss = "softmax_xent"
-  c.loss_kwargs = dict()
-  c.teacher = ""
-  c.finetune = dict(strategy="full", top_k=0, lora_rank=0, lora_alpha=0.0, lora_targets=())
   c.optimizer = common.optimizer(
     lr=1e-3,
     b2=0.99,
@@ -90,7 +82,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   c.batch_size = 12
   c.eval_batch_size = 64
-  c.num_epochs = 0.0
   c.num_train_steps = 2000
   common.run_control(c, eval_every_steps=250, checkpoint_every_steps=250, best_metric="loss")
   if a.model == "shakespeare":
@@ -98,6 +89,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if a.model == "small":
     c.batch_size, c.num_train_steps, c.model.hidden_dropout_prob = 64, 5000, 0.2
   if a.smoke:
-    c.num_train_steps, c.eval_every_steps, c.log_every_steps, c.checkpoint_every_steps = 20, 10, 5, 10
+    common.smoke(c)
   c.lock()
   return c

@@ -34,11 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown model size {a.model!r}: expected one of {', '.join(SIZES)}")
   layers, heads, width, inter = SIZES[a.model]
   wiki = Path(default_lm_dir()) / "wikitext2"
-  c = ml_collections.ConfigDict()
-  c.task = "mlm"
-  c.eval_split = "val"
-  c.seed = 0
-  c.rng_impl = "threefry2x32"
+  c = common.pretraining("mlm")
   c.data = dict(
     train_files=str(wiki / "wiki.valid.raw"),
     val_files=str(wiki / "wiki.test.raw"),
@@ -65,18 +61,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       hidden_dropout_prob=0.1,
     )
   )
-  c.loss = "softmax_xent"
-  c.loss_kwargs = dict()
-  c.teacher = ""
-  c.finetune = dict(strategy="full", top_k=0, lora_rank=0, lora_alpha=0.0, lora_targets=())
   c.optimizer = common.optimizer(lr=1e-3 if a.model != "base" else 1e-4, b2=0.98, warmup_ratio=0.06)
   c.batch_size = 32
   c.eval_batch_size = 64
-  c.num_epochs = 0.0
   c.num_train_steps = 3000
   common.run_control(c, log_every_steps=50, eval_every_steps=250, checkpoint_every_steps=250, best_metric="loss")
   if a.smoke:
-    c.num_train_steps, c.eval_every_steps, c.log_every_steps, c.checkpoint_every_steps = 20, 10, 5, 10
+    common.smoke(c)
     c.data.seq_len = 64
   c.lock()
   return c

@@ -64,6 +64,12 @@ def rope(x_BxTxNxD: jax.Array, pos_T: jax.Array, base: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxD.dtype)
 
 
+def _dense(cfg: GPTConfig, features: int, name: str, dtype, residual: bool = False) -> nn.Dense:
+  """A projection with GPT-2 init; `residual` ones (into the residual stream) get std / sqrt(2 * layers)."""
+  std = cfg.initializer_range / ((2 * cfg.num_layers) ** 0.5 if residual else 1.0)
+  return nn.Dense(features, use_bias=cfg.bias, dtype=dtype, kernel_init=nn.initializers.normal(std), name=name)
+
+
 class CausalSelfAttention(nn.Module):
   cfg: GPTConfig
   dtype: Any = jnp.float32
@@ -73,8 +79,7 @@ class CausalSelfAttention(nn.Module):
     cfg = self.cfg
     n, d = cfg.num_heads, cfg.hidden_size // cfg.num_heads
     b, t, _ = x_BxTxH.shape
-    init = nn.initializers.normal(cfg.initializer_range)
-    qkv = nn.Dense(3 * cfg.hidden_size, use_bias=cfg.bias, dtype=self.dtype, kernel_init=init, name="qkv")(x_BxTxH)
+    qkv = _dense(cfg, 3 * cfg.hidden_size, "qkv", self.dtype)(x_BxTxH)
     q_BxTxNxD, k_BxTxNxD, v_BxTxNxD = (z.reshape(b, t, n, d) for z in jnp.split(qkv, 3, axis=-1))
     if cfg.positions == "rope":
       q_BxTxNxD, k_BxTxNxD = rope(q_BxTxNxD, pos_T, cfg.rope_base), rope(k_BxTxNxD, pos_T, cfg.rope_base)
@@ -93,14 +98,7 @@ class CausalSelfAttention(nn.Module):
     scores_BxNxTxS = jnp.where(allowed_TxS[None, None], scores_BxNxTxS.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = nn.Dropout(cfg.dropout)(jax.nn.softmax(scores_BxNxTxS, axis=-1), deterministic=not train)
     ctx_BxTxNxD = jnp.einsum("bnts,bsnd->btnd", probs.astype(self.dtype), values.astype(self.dtype))
-    out = nn.Dense(
-      cfg.hidden_size,
-      use_bias=cfg.bias,
-      dtype=self.dtype,
-      # GPT-2: residual projections scaled by 1/sqrt(2 * layers)
-      kernel_init=nn.initializers.normal(cfg.initializer_range / (2 * cfg.num_layers) ** 0.5),
-      name="out",
-    )(ctx_BxTxNxD.reshape(b, t, n * d))
+    out = _dense(cfg, cfg.hidden_size, "out", self.dtype, residual=True)(ctx_BxTxNxD.reshape(b, t, n * d))
     return nn.Dropout(cfg.dropout)(out, deterministic=not train), new_kv
 
 
@@ -118,17 +116,8 @@ class Block(nn.Module):
       norm("attn_norm")(x_BxTxH), pos_T, kv, start, train=train
     )
     x_BxTxH = x_BxTxH + a
-    init = nn.initializers.normal(cfg.initializer_range)
-    h = nn.Dense(cfg.mlp_ratio * cfg.hidden_size, use_bias=cfg.bias, dtype=self.dtype, kernel_init=init, name="mlp_in")(
-      norm("mlp_norm")(x_BxTxH)
-    )
-    h = nn.Dense(
-      cfg.hidden_size,
-      use_bias=cfg.bias,
-      dtype=self.dtype,
-      kernel_init=nn.initializers.normal(cfg.initializer_range / (2 * cfg.num_layers) ** 0.5),
-      name="mlp_out",
-    )(jax.nn.gelu(h, approximate=False))
+    h = _dense(cfg, cfg.mlp_ratio * cfg.hidden_size, "mlp_in", self.dtype)(norm("mlp_norm")(x_BxTxH))
+    h = _dense(cfg, cfg.hidden_size, "mlp_out", self.dtype, residual=True)(jax.nn.gelu(h, approximate=False))
     return x_BxTxH + nn.Dropout(cfg.dropout)(h, deterministic=not train), new_kv
 
 
