@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -59,7 +60,9 @@ def make_schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Sched
     after = optax.cosine_decay_schedule(c.lr, decay_steps, alpha=c.end_lr_ratio)
   elif c.schedule == "inverse_sqrt":
     w = max(warmup, 1)
-    after = lambda step: c.lr * (w / (step + w)) ** 0.5  # noqa: E731  (step counts from the end of warmup)
+    # step counts from the end of warmup; join_schedules also evaluates it (unused) during
+    # warmup, where step < 0, so clamp it there.
+    after = lambda step: c.lr * jnp.sqrt(w / (jnp.maximum(step, 0) + w))  # noqa: E731
   else:
     raise ValueError(f"config.optimizer.schedule={c.schedule!r}: expected constant, linear, cosine or inverse_sqrt")
   if not warmup:

@@ -173,6 +173,27 @@ def test_linear_warmup_then_decay():
   assert [float(s(i)) for i in (0, 5, 10, 55, 100)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
 
 
+@pytest.mark.parametrize(
+  "schedule, expected",
+  [
+    ("constant", [0.0, 0.5, 1.0, 1.0, 1.0]),
+    # cosine from 1 to end_lr_ratio=0.1 over the 90 steps after warmup: halfway is 0.55
+    ("cosine", [0.0, 0.5, 1.0, 0.55, 0.1]),
+    # lr * sqrt(w / (t + w)), t counted from the end of warmup (w = 10)
+    ("inverse_sqrt", [0.0, 0.5, 1.0, (10 / 55) ** 0.5, (10 / 100) ** 0.5]),
+  ],
+)
+def test_other_schedules(schedule, expected):
+  oc = ml_collections.ConfigDict(
+    dict(glue_cfg.get_config().optimizer) | {"warmup_ratio": 0.1, "lr": 1.0, "schedule": schedule, "end_lr_ratio": 0.1}
+  )
+  s = optim.make_schedule(oc, total_steps=100)
+  assert [float(s(i)) for i in (0, 5, 10, 55, 100)] == pytest.approx(expected, rel=1e-5)
+  oc.schedule = "cosin"
+  with pytest.raises(ValueError, match="cosin"):
+    optim.make_schedule(oc, total_steps=100)
+
+
 @pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
 def test_every_optimizer_lowers_a_simple_loss(name):
   oc = ml_collections.ConfigDict(
