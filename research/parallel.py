@@ -5,8 +5,8 @@ sharded on `P("data")`, the state is replicated, and `jax.jit` inserts the gradi
 all-reduce. With `config.fsdp = k > 1` the mesh is `data x fsdp` (k devices per fsdp group):
 batches are sharded over both axes and every large parameter and optimizer-state array is
 sharded over `fsdp` along its largest divisible dimension (ZeRO-3 style, `state_shardings`);
-XLA all-gathers weights for the matmuls and reduce-scatters the gradients. `"pmap"` runs the same step under `jax.pmap`, each device on its shard, with an
-explicit psum of gradient and loss sums. On several hosts each process feeds its own rows and
+XLA all-gathers weights for the matmuls and reduce-scatters the gradients. `"pmap"` runs the
+same step under `jax.pmap`, each device on its shard, with an explicit psum of gradient and loss sums. On several hosts each process feeds its own rows and
 `jax.make_array_from_process_local_data` builds the global batch.
 """
 
@@ -71,6 +71,11 @@ def state_shardings(tree, mesh: Mesh):
   return jax.tree.map(lambda x: fsdp_sharding(x, mesh), tree)
 
 
+def place_state(state, mesh: Mesh):
+  """A state in the jit layout: replicated, or fsdp-sharded (what checkpoints hold)."""
+  return jax.device_put(state, state_shardings(state, mesh))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -125,7 +130,7 @@ class Strategy:
   def put_state(self, state):
     """A state (any layout) -> the layout the compiled step takes."""
     if self.kind == "jit":
-      return jax.device_put(state, state_shardings(state, self.mesh))
+      return place_state(state, self.mesh)
     state = replicate(state, self.mesh)
     stacked = jax.tree.map(lambda x: jax.numpy.broadcast_to(x, (self.n, *x.shape)), state)
     return jax.device_put(stacked, batch_sharding(self.mesh))

@@ -205,9 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   del trainable
 
   # --- State, sharded; then restore by precedence -------------------------------------------
-  # Placed as the step takes it (replicated, or sharded under fsdp) so Orbax restores into that layout.
-  state = strategy.put_state(steps.create_state(params, tx, dropout_rng, mask))
-  state = strategy.get_state(state)
+  # In the jit layout (replicated, or sharded under fsdp) so Orbax restores into that layout.
+  state = parallel.place_state(steps.create_state(params, tx, dropout_rng, mask), mesh)
   del params
   mode = "max" if higher_is_better else "min"
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", best_metric=best_metric, best_mode=mode)

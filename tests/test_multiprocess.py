@@ -28,8 +28,7 @@ _CHILD = textwrap.dedent("""
     from pathlib import Path
     from conftest import tiny_config
     from research import train
-    every = 3 if steps < 50 else 1000  # long runs: checkpoints come from SIGTERM and the end
-    config = tiny_config(Path(glue), num_train_steps=steps, checkpoint_every_steps=every, eval_every_steps=every)
+    config = tiny_config(Path(glue), num_train_steps=steps, checkpoint_every_steps=3, eval_every_steps=3)
     print("RESULT", train.train_and_evaluate(config, workdir))
 """)
 
