@@ -76,6 +76,15 @@ def place_state(state, mesh: Mesh):
   return jax.device_put(state, state_shardings(state, mesh))
 
 
+def init_sharded(fn: Callable, *args, mesh: Mesh, donate_argnums: tuple[int, ...] = ()):
+  """`fn(*args)` computed straight into the jit layout (`state_shardings` of its result).
+
+  Each device computes only its own shards, so under fsdp no device ever holds a whole
+  parameter tree or optimizer state, as `place_state(fn(*args))` would on the way."""
+  shardings = state_shardings(jax.eval_shape(fn, *args), mesh)
+  return jax.jit(fn, out_shardings=shardings, donate_argnums=donate_argnums)(*args)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

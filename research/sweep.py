@@ -40,8 +40,9 @@ def load_sweep(config_arg: str) -> tuple[list[dict], str]:
   if not hasattr(module, "sweep"):
     raise AttributeError(f"{path} defines no sweep(): an ablation config returns a list of override dicts")
   settings = module.sweep()
-  base = module.get_config(config_arg.split(":", 1)[1] if ":" in config_arg else None)
+  default_arg = config_arg.split(":", 1)[1] if ":" in config_arg else None
   for i, s in enumerate(settings):  # typos fail before anything runs
+    base = module.get_config(s.get("_arg", default_arg))
     for key in (k for k in s if not k.startswith("_")):
       node = base
       for part in key.split("."):
@@ -54,7 +55,8 @@ def load_sweep(config_arg: str) -> tuple[list[dict], str]:
 def setting_name(overrides: dict) -> str:
   """A readable, filesystem-safe name: "optimizer.name=sgd,optimizer.lr=0.1" -> "name=sgd,lr=0.1".
 
-  An override dict may name itself with the key "_name"."""
+  An override dict may name itself with the key "_name", and may give its own config argument
+  (the part after ":" in --config) with "_arg", e.g. {"_arg": "task=cola,model=bow"}."""
   if "_name" in overrides:
     return re.sub(r"[^A-Za-z0-9=.,_+-]", "_", str(overrides["_name"]))
   if not overrides:
@@ -76,6 +78,8 @@ def _flag_value(v) -> str:
 
 
 def command(config_arg: str, run_dir: Path, overrides: dict, seed: int) -> list[str]:
+  if "_arg" in overrides:
+    config_arg = f"{config_arg.split(':', 1)[0]}:{overrides['_arg']}"
   cmd = [sys.executable, "-m", "research.main", f"--config={config_arg}", f"--workdir={run_dir}"]
   cmd += [f"--config.{k}={_flag_value(v)}" for k, v in overrides.items() if not k.startswith("_")]
   return cmd + [f"--config.seed={seed}", "--config.progress=false"]
@@ -132,30 +136,34 @@ def write_tables(root: Path, rows: list[dict], settings: list[dict], title: str,
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-  metric = rows[0]["metric"]
+  metrics = {r["metric"] for r in rows}
+  mixed = len(metrics) > 1  # e.g. a GLUE table: each task has its own metric, shown per row
+  metric = "main metric" if mixed else rows[0]["metric"]
   lines = [
     f"# {title or root.name}",
     "",
     f"Produced by `{cmd}`.",
     "",
-    f"Dev `{metric}` x 100, mean ± std over seeds. *final*: at the end of training (no selection on dev); "
-    "*best*: the best of the periodic dev evals (selected on dev, so optimistic).",
+    f"Dev {metric if mixed else f'`{metric}`'} x 100, mean ± std over seeds. *final*: at the end of training "
+    "(no selection on dev); *best*: the best of the periodic dev evals (selected on dev, so optimistic).",
     "",
-    f"| setting | seeds | final {metric} | best {metric} | trainable params | steps | train time / run (median) |",
-    "|---|---|---|---|---|---|---|",
+    f"| setting |{' metric |' if mixed else ''} seeds | final {metric} | best {metric} | trainable params | steps "
+    "| train time / run (median) |",
+    "|---|---|---|---|---|---|---|" + ("---|" if mixed else ""),
   ]
   for s in settings:
     name = setting_name(s)
     mine = [r for r in rows if r["setting"] == name]
     if not mine:
-      lines.append(f"| `{name}` | 0 | not run | | | | |")
+      lines.append(f"| `{name}` |{' |' if mixed else ''} 0 | not run | | | | |")
       continue
     fm, fs = _mean_std([100 * r["final"] for r in mine])
     bm, bs = _mean_std([100 * r["best"] for r in mine])
     tp, total = mine[0]["trainable_params"], mine[0]["total_params"]
     secs = sorted(r["train_seconds"] for r in mine)[len(mine) // 2]  # median: robust to a paused run
+    metric_cell = f" {mine[0]['metric']} |" if mixed else ""
     lines.append(
-      f"| `{name}` | {len(mine)} | {fm:.1f} ± {fs:.1f} | {bm:.1f} ± {bs:.1f} | "
+      f"| `{name}` |{metric_cell} {len(mine)} | {fm:.1f} ± {fs:.1f} | {bm:.1f} ± {bs:.1f} | "
       f"{tp:,} ({100 * tp / max(total, 1):.1f}%) | {mine[0]['steps']} | {secs:.0f} s |"
     )
   text = "\n".join(lines) + "\n"
@@ -170,7 +178,8 @@ def plot(root: Path, rows: list[dict], settings: list[dict], seeds: list[int]) -
   import matplotlib.pyplot as plt
 
   names = [setting_name(s) for s in settings if any(r["setting"] == setting_name(s) for r in rows)]
-  metric = rows[0]["metric"]
+  metrics = {r["metric"] for r in rows}
+  metric = rows[0]["metric"] if len(metrics) == 1 else "main metric"
   stats = [_mean_std([100 * r["final"] for r in rows if r["setting"] == n]) for n in names]
   fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 1), 3.6))
   ax.bar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="#4C72B0")
@@ -183,14 +192,14 @@ def plot(root: Path, rows: list[dict], settings: list[dict], seeds: list[int]) -
 
   fig, ax = plt.subplots(figsize=(6.4, 3.8))
   for n in names:
-    curves = {}
+    curves, run_metric = {}, next(r["metric"] for r in rows if r["setting"] == n)
     for seed in seeds:
       path = root / n / f"seed_{seed}" / "metrics.jsonl"
       if not path.exists():
         continue
       for rec in map(json.loads, path.read_text().splitlines()):
-        if rec["split"] == "dev" and metric in rec:
-          curves.setdefault(rec["step"], []).append(100 * rec[metric])
+        if rec["split"] == "dev" and run_metric in rec:
+          curves.setdefault(rec["step"], []).append(100 * rec[run_metric])
     xs = sorted(curves)
     ax.plot(xs, [sum(curves[x]) / len(curves[x]) for x in xs], marker="o", ms=3, label=n)
   ax.set_xlabel("step")

@@ -49,11 +49,16 @@ def _scratch_bert(mc: ml_collections.ConfigDict, vocab_size: int) -> BertConfig:
   )
 
 
-def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int, rng: jax.Array, ft=None):
+def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int, rng: jax.Array, ft=None, mesh=None):
   """Returns (module, params, architecture dict): pretrained from `init_from`, else random.
 
-  `ft` (config.finetune) adds LoRA adapters when its strategy is "lora"."""
+  `ft` (config.finetune) adds LoRA adapters when its strategy is "lora". With a `mesh`, random
+  parameters are created straight into their jit layout (sharded under fsdp)."""
   ids = jnp.zeros((1, 8), jnp.int32)
+
+  def init(fn):
+    return (parallel.init_sharded(fn, rng, mesh=mesh) if mesh is not None else jax.jit(fn)(rng))["params"]
+
   if mc.arch == "gpt":
     cfg = GPTConfig(
       vocab_size=mc.vocab_size or vocab_size,
@@ -66,19 +71,17 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
       positions=mc.positions,
     )
     model = GPT(cfg, dtype=jnp.dtype(mc.dtype))
-    params = jax.jit(lambda r: model.init(r, ids))(rng)["params"]
-    return model, params, {"arch": "gpt", **cfg.to_dict()}
+    return model, init(lambda r: model.init(r, ids)), {"arch": "gpt", **cfg.to_dict()}
   if mc.arch == "bert_mlm":  # masked-LM pretraining from scratch
     cfg = _scratch_bert(mc, vocab_size)
     model = BertForMaskedLM(cfg, dtype=jnp.dtype(mc.dtype))
-    params = jax.jit(lambda r: model.init(r, ids, ids, ids, train=False))(rng)["params"]
-    return model, params, {"arch": "bert_mlm", **cfg.to_dict()}
+    return model, init(lambda r: model.init(r, ids, ids, ids, train=False)), {"arch": "bert_mlm", **cfg.to_dict()}
   if mc.arch == "bow":
     if mc.init_from:
       raise ValueError("config.model.arch='bow' is trained from scratch; set config.model.init_from=''")
     cfg = {"arch": "bow", "vocab_size": mc.vocab_size or vocab_size, "hidden_size": mc.hidden_size}
     model = BagOfEmbeddings(cfg["vocab_size"], cfg["hidden_size"], num_labels, dtype=jnp.dtype(mc.dtype))
-    return model, jax.jit(lambda r: model.init(r, ids, ids, ids))(rng)["params"], cfg
+    return model, init(lambda r: model.init(r, ids, ids, ids)), cfg
   if mc.init_from:
     cfg, encoder, heads, _ = convert.load_hf_folder(mc.init_from)
   else:
@@ -90,7 +93,7 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
   if cfg.vocab_size < vocab_size:
     raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
   model = BertClassifier(cfg, num_labels, dtype=jnp.dtype(mc.dtype), pooling=mc.pooling)
-  params = jax.jit(lambda r: model.init(r, ids, ids, ids, train=False))(rng)["params"]
+  params = init(lambda r: model.init(r, ids, ids, ids, train=False))
   if mc.init_from:
     params = convert.merge_pretrained(params, encoder, heads, num_labels)
   return model, params, {"arch": "bert", "pooling": mc.pooling, **cfg.to_dict()}
@@ -182,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if config.rng_impl != "threefry2x32" and config.parallel == "pmap":
     raise ValueError(f"config.rng_impl={config.rng_impl!r} is supported with parallel='jit' only")
   dropout_rng = jax.random.key_data(jax.random.key(config.seed + 1, impl=config.rng_impl))
-  model, params, arch = build_model(config.model, data.num_outputs, data.vocab_size, init_rng, config.finetune)
+  model, params, arch = build_model(config.model, data.num_outputs, data.vocab_size, init_rng, config.finetune, mesh)
   if is_main:  # what predict.py / generate.py rebuild the model from
     (workdir / "model_config.json").write_text(json.dumps(arch, indent=2))
   if config.loss == "distill":
@@ -206,7 +209,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   # --- State, sharded; then restore by precedence -------------------------------------------
   # In the jit layout (replicated, or sharded under fsdp) so Orbax restores into that layout.
-  state = parallel.place_state(steps.create_state(params, tx, dropout_rng, mask), mesh)
+  # Pretrained (host) weights go straight to their shards; the optimizer state is created there.
+  params = parallel.place_state(params, mesh)
+  state = parallel.init_sharded(
+    lambda p, r: steps.create_state(p, tx, r, mask), params, dropout_rng, mesh=mesh, donate_argnums=(0,)
+  )
   del params
   mode = "max" if higher_is_better else "min"
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", best_metric=best_metric, best_mode=mode)

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import common
 from configs import glue as glue_cfg
 from research import losses, optim, parallel, steps
 from research.models.bert import BertClassifier, BertConfig
@@ -108,6 +109,38 @@ def test_fsdp_step_equals_single_device(fsdp, monkeypatch):
     parallel.Strategy("pmap", mesh)
   with pytest.raises(ValueError, match="config.fsdp=3 must divide"):
     parallel.make_mesh(8, fsdp=3)
+
+
+def test_sharded_init_builds_each_devices_shards_only(monkeypatch):
+  """Under fsdp, random parameters and the optimizer state are created straight into their shards
+  (jit with out_shardings): the same values as a whole-array init, never whole on one device."""
+  monkeypatch.setattr(parallel, "FSDP_MIN_SIZE", 64)
+  mesh = parallel.make_mesh(8, fsdp=8)
+  mc = common.model_config("tiny")  # 2 layers, 64 wide, MLP 128
+  mc.vocab_size = 100
+  from research.train import build_model
+
+  _, whole, _ = build_model(mc, 2, 100, jax.random.PRNGKey(0))
+  _, params, _ = build_model(mc, 2, 100, jax.random.PRNGKey(0), mesh=mesh)
+  kernel = params["bert"]["layer_0"]["mlp_in"]["kernel"]
+  assert kernel.sharding.spec == parallel.P(None, "fsdp") and kernel.addressable_shards[0].data.shape == (64, 16)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(whole))
+
+  oc = glue_cfg.get_config().optimizer
+  tx, _ = optim.make_optimizer(oc, whole, 10)
+
+  def create(p, r):
+    return steps.create_state(p, tx, r)
+
+  state = parallel.init_sharded(create, params, jax.random.PRNGKey(1), mesh=mesh)
+  mu = state.opt_state[1][0].mu["bert"]["layer_0"]["mlp_in"]["kernel"]
+  assert mu.sharding.spec == parallel.P(None, "fsdp") and mu.addressable_shards[0].data.shape == (64, 16)
+  # What one device's init program outputs: the sharded leaves at 1/8 of their size.
+  shapes = jax.eval_shape(create, params, jax.random.PRNGKey(1))
+  out = jax.jit(create, out_shardings=parallel.state_shardings(shapes, mesh)).lower(params, jax.random.PRNGKey(1))
+  per_device = out.compile().memory_analysis().output_size_in_bytes
+  whole_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+  assert per_device < 0.5 * whole_bytes, (per_device, whole_bytes)
 
 
 def test_grad_accumulation_equals_one_big_batch():

@@ -70,3 +70,26 @@ def test_sweep_typo_is_named(tmp_path):
   os.environ.setdefault("SWEEP_TEST_GLUE", "/nonexistent")
   with pytest.raises(KeyError, match=r"sweep\(\)\[1\] overrides unknown config key 'optimizer.nmae'"):
     sweep.load_sweep(str(cfg))
+
+
+def test_per_setting_config_arg_and_mixed_metrics(tmp_path):
+  """configs/glue_table.py: each setting brings its own `task=...,model=...` argument, and the
+  table names each row's metric when the tasks differ."""
+  path = str(REPO / "configs" / "glue_table.py")
+  settings, _ = sweep.load_sweep(path)
+  names = [sweep.setting_name(s) for s in settings]
+  assert {"cola-minilm", "sst2-minilm", "stsb-bow"} <= set(names)
+  bow = settings[names.index("stsb-bow")]
+  cmd = sweep.command(path, tmp_path, bow, 2)
+  assert f"--config={path}:task=stsb,model=bow" in cmd and "--config.optimizer.lr=0.001" in cmd
+  assert not any(c.startswith("--config._") for c in cmd)
+
+  def row(setting, metric, final, best):
+    return dict(setting=setting, seed=0, metric=metric, final=final, best=best, best_step=10, steps=20,
+                train_seconds=1.0, trainable_params=10, total_params=10)  # fmt: skip
+
+  rows = [row("cola-minilm", "matthews_corr", 0.4, 0.45), row("stsb-bow", "pearson", 0.2, 0.25)]
+  text = sweep.write_tables(tmp_path, rows, [settings[0], bow], "GLUE", "cmd")
+  assert "| `cola-minilm` | matthews_corr | 1 | 40.0 ± 0.0 | 45.0 ± 0.0 |" in text
+  assert "| `stsb-bow` | pearson | 1 | 20.0 ± 0.0 | 25.0 ± 0.0 |" in text
+  assert "| setting | metric | seeds | final main metric |" in text

@@ -218,17 +218,19 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: BertConfig, source: str = 
 
 
 def merge_pretrained(params: dict, encoder: dict, heads: dict, num_labels: int) -> dict:
-  """Put loaded encoder weights (and a matching classifier head, if any) into `params`."""
+  """Put loaded encoder weights (and a matching classifier head, if any) into `params`.
+
+  Loaded leaves stay host (numpy) arrays, so placing the result sends each straight to its shards."""
   params = flax.core.unfreeze(params)
   fresh = flax.traverse_util.flatten_dict(params["bert"])
   loaded = flax.traverse_util.flatten_dict(encoder)
   for k in fresh:
     if k in loaded:
-      fresh[k] = jnp.asarray(loaded[k], fresh[k].dtype)
+      fresh[k] = np.asarray(loaded[k], fresh[k].dtype)
   params["bert"] = flax.traverse_util.unflatten_dict(fresh)
   w = heads.get("classifier.weight")
   if w is not None and "classifier" in params and w.shape == (num_labels, params["classifier"]["kernel"].shape[0]):
-    params["classifier"] = {"kernel": jnp.asarray(w.T), "bias": jnp.asarray(heads["classifier.bias"])}
+    params["classifier"] = {"kernel": np.asarray(w.T), "bias": np.asarray(heads["classifier.bias"])}
     log.info("loaded the checkpoint's classifier head (%d labels)", num_labels)
   return params
 
