@@ -1,6 +1,7 @@
 """Train-step throughput: our jitted step beside transformers' PyTorch BERT, in one run.
 
     .venv/bin/python benchmarks/train_step.py --shapes minilm bert-base
+    .venv/bin/python benchmarks/train_step.py --remat --skip-torch   # + a row with remat on
 
 Both sides train BertForSequenceClassification-shaped models (2 labels) with AdamW, fp32,
 dropout on, on the same batch/sequence shape; each runs in its own subprocess so peak RSS
@@ -11,6 +12,8 @@ FLOPs per train step (the formula PERF_NOTES uses; XLA's cost analysis agrees wi
     6 * N * T + 12 * L * s^2 * h * B,   N = L * (4h^2 + 2hI) non-embedding matrix params,
 T = B * s tokens. The machine's fp32 matmul peak is measured in the same run (numpy/OpenBLAS,
 the best of the three BLAS paths here), and % of peak = achieved GFLOP/s / peak.
+"XLA temp GB" is the compiled step's scratch memory (XLA's memory analysis: activations kept
+for the backward pass and workspace), which rematerialization (`--remat`) trades for compute.
 """
 
 from __future__ import annotations
@@ -56,7 +59,9 @@ def _time(step, warmup: int, steps: int) -> list[float]:
 # --- workers (each runs in its own process) ------------------------------------------------
 
 
-def worker_jax(shape: str, batch: int, seq: int, warmup: int, steps: int, dtype: str, rng_impl: str) -> dict:
+def worker_jax(
+  shape: str, batch: int, seq: int, warmup: int, steps: int, dtype: str, rng_impl: str, remat: bool = False
+) -> dict:
   sys.path.insert(0, str(REPO))
   import functools
 
@@ -70,7 +75,7 @@ def worker_jax(shape: str, batch: int, seq: int, warmup: int, steps: int, dtype:
   from research.models.bert import BertClassifier, BertConfig
 
   L, h, heads, inter = SHAPES[shape]
-  cfg = BertConfig(num_hidden_layers=L, hidden_size=h, num_attention_heads=heads, intermediate_size=inter)
+  cfg = BertConfig(num_hidden_layers=L, hidden_size=h, num_attention_heads=heads, intermediate_size=inter, remat=remat)
   model = BertClassifier(cfg, num_labels=2, dtype=jnp.dtype(dtype))
   rng = np.random.default_rng(0)
   data = {
@@ -98,6 +103,7 @@ def worker_jax(shape: str, batch: int, seq: int, warmup: int, steps: int, dtype:
   t0 = time.perf_counter()
   compiled = fn.lower(state, b).compile()
   compile_s = time.perf_counter() - t0
+  temp_gb = compiled.memory_analysis().temp_size_in_bytes / 1e9
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   holder = {"state": state}
@@ -108,7 +114,8 @@ def worker_jax(shape: str, batch: int, seq: int, warmup: int, steps: int, dtype:
 
   times = _time(step, warmup, steps)
   return {
-    "framework": f"ours (jax {jax.__version__}, {dtype}, {rng_impl} dropout)",
+    "framework": f"ours (jax {jax.__version__}, {dtype}, {rng_impl} dropout{', remat' if remat else ''})",
+    "temp_gb": temp_gb,
     "times": times,
     "compile_s": compile_s,
     "xla_flops": float(cost.get("flops", 0.0)) if cost else 0.0,
@@ -177,7 +184,7 @@ def ensure_torch_python(path: str | None) -> str:
   return str(py)
 
 
-def run_worker(python: str, kind: str, args, shape: str, dtype: str = "float32") -> dict:
+def run_worker(python: str, kind: str, args, shape: str, dtype: str = "float32", remat: bool = False) -> dict:
   cmd = [
     python,
     __file__,
@@ -197,7 +204,7 @@ def run_worker(python: str, kind: str, args, shape: str, dtype: str = "float32")
     dtype,
     "--rng-impl",
     args.rng_impl,
-  ]
+  ] + (["--remat"] if remat else [])
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if out.returncode:
     raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-4000:]}")
@@ -215,13 +222,14 @@ def main() -> None:
   p.add_argument("--rng-impl", default="threefry2x32", help="our dropout bits: threefry2x32 | rbg")
   p.add_argument("--torch-python", default=None, help="python with torch + transformers (else a venv is made)")
   p.add_argument("--skip-torch", action="store_true")
+  p.add_argument("--remat", action="store_true", help="also time our step with layer rematerialization")
   p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
   args = p.parse_args()
 
   if args.worker:
     shape = args.shapes[0]
     if args.worker == "jax":
-      r = worker_jax(shape, args.batch, args.seq, args.warmup, args.steps, args.dtype, args.rng_impl)
+      r = worker_jax(shape, args.batch, args.seq, args.warmup, args.steps, args.dtype, args.rng_impl, args.remat)
     else:
       r = worker_torch(shape, args.batch, args.seq, args.warmup, args.steps)
     print(json.dumps(r))
@@ -233,28 +241,33 @@ def main() -> None:
     f"fp32 matmul peak (numpy, n=4096): {peak:.0f} GFLOP/s; batch {args.batch}, seq {args.seq}; "
     f"median of {args.steps} steps after {args.warmup} warm-ups"
   )
-  header = "| shape | framework | s/step | ex/s | GFLOP/s | % of peak | peak RSS GB | vs PyTorch |"
-  print(header + "\n|" + "---|" * 8)
+  reference = "PyTorch" if torch_py else "no remat" if args.remat else None
+  header = (
+    f"| shape | framework | s/step | ex/s | GFLOP/s | % of peak | peak RSS GB | XLA temp GB | speed vs {reference} |"
+  )
+  print(header + "\n|" + "---|" * 9)
   for shape in args.shapes:
     flops = flops_per_step(shape, args.batch, args.seq)
     results = [run_worker(sys.executable, "jax", args, shape, args.dtype)]
+    if args.remat:
+      results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, remat=True))
     if torch_py:
       results.append(run_worker(torch_py, "torch", args, shape))
-    ref = statistics.median(results[-1]["times"]) if torch_py else None
+    ref = statistics.median((results[-1] if torch_py else results[0])["times"]) if reference else None
     for r in results:
       med = statistics.median(r["times"])
       ratio = f"{ref / med:.2f}x" if ref else "-"
+      temp = f"{r['temp_gb']:.2f}" if "temp_gb" in r else "-"
       print(
         f"| {shape} | {r['framework']} | {med:.3f} | {args.batch / med:.2f} | {flops / med / 1e9:.0f} | "
-        f"{100 * flops / med / 1e9 / peak:.0f}% | {r['rss_gb']:.1f} | {ratio} |"
+        f"{100 * flops / med / 1e9 / peak:.0f}% | {r['rss_gb']:.1f} | {temp} | {ratio} |"
       )
-    ours = results[0]
-    if ours.get("xla_flops"):
-      print(
-        f"  ({shape}: formula {flops / 1e9:.0f} GFLOP/step, XLA cost analysis {ours['xla_flops'] / 1e9:.0f}; "
-        f"compile {ours['compile_s']:.1f} s)"
-      )
-
+    for r in results:
+      if r.get("xla_flops"):
+        print(
+          f"  ({shape}, {r['framework']}: formula {flops / 1e9:.0f} GFLOP/step, XLA cost analysis "
+          f"{r['xla_flops'] / 1e9:.0f}; compile {r['compile_s']:.1f} s)"
+        )
 
 if __name__ == "__main__":
   main()

@@ -73,6 +73,7 @@ def model_config(name: str) -> ml_collections.ConfigDict:
       pooling="cls",  # cls (BERT's pooler; exports to HF) | mean (over real tokens)
       hidden_dropout_prob=-1.0,  # < 0: keep the checkpoint's value
       attention_probs_dropout_prob=-1.0,
+      remat=False,  # recompute layer activations in the backward pass: less memory, ~1/3 more compute
       # Architecture, used only for random init:
       vocab_size=0,  # 0 = the tokenizer's
       hidden_size=768,

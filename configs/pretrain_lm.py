@@ -68,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       hidden_dropout_prob=0.0,
       bias=False,
       positions="learned",  # learned | rope
+      remat=False,  # recompute block activations in the backward pass: less memory, more compute
     )
   )
   c.optimizer = common.optimizer(

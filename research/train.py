@@ -46,6 +46,7 @@ def _scratch_bert(mc: ml_collections.ConfigDict, vocab_size: int) -> BertConfig:
     num_attention_heads=mc.num_attention_heads,
     intermediate_size=mc.intermediate_size,
     max_position_embeddings=mc.max_position_embeddings,
+    remat=mc.get("remat", False),
   )
 
 
@@ -69,6 +70,7 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
       dropout=max(mc.hidden_dropout_prob, 0.0),
       bias=mc.bias,
       positions=mc.positions,
+      remat=mc.get("remat", False),
     )
     model = GPT(cfg, dtype=jnp.dtype(mc.dtype))
     return model, init(lambda r: model.init(r, ids)), {"arch": "gpt", **cfg.to_dict()}
@@ -87,6 +89,7 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
   else:
     cfg = _scratch_bert(mc, vocab_size)
   overrides = {k: mc[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if mc[k] >= 0}
+  overrides["remat"] = mc.get("remat", False)
   if ft is not None and ft.strategy == "lora":
     overrides |= {"lora_rank": ft.lora_rank, "lora_alpha": ft.lora_alpha, "lora_targets": tuple(ft.lora_targets)}
   cfg = BertConfig(**(cfg.to_dict() | overrides))

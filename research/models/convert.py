@@ -251,6 +251,11 @@ def params_to_hf(params: dict, cfg: BertConfig, prefix: str = "bert.") -> dict[s
   return out
 
 
+def _hf_config(cfg: BertConfig) -> dict:
+  """Our config's HF fields (LoRA and remat are training-time options HF has no field for)."""
+  return {k: v for k, v in cfg.to_dict().items() if not k.startswith("lora_") and k != "remat"} | {"model_type": "bert"}
+
+
 def save_hf_folder(
   out_dir: str | Path,
   params: dict,
@@ -268,8 +273,7 @@ def save_hf_folder(
   out.mkdir(parents=True, exist_ok=True)
   if cfg.lora_rank:
     raise ValueError("merge the LoRA adapters first (finetune.merge_lora); HF BERT has no place for them")
-  hf_cfg = {k: v for k, v in cfg.to_dict().items() if not k.startswith("lora_")} | {
-    "model_type": "bert",
+  hf_cfg = _hf_config(cfg) | {
     "architectures": ["BertForSequenceClassification"],
     "num_labels": num_labels,
     "position_embedding_type": "absolute",
@@ -325,8 +329,7 @@ def save_hf_mlm_folder(out_dir: str | Path, params: dict, cfg: BertConfig, token
 
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  hf_cfg = {k: v for k, v in cfg.to_dict().items() if not k.startswith("lora_")} | {
-    "model_type": "bert",
+  hf_cfg = _hf_config(cfg) | {
     "architectures": ["BertForMaskedLM"],
     "position_embedding_type": "absolute",
     "tie_word_embeddings": True,

@@ -35,6 +35,7 @@ class GPTConfig:
   rope_base: float = 10000.0
   initializer_range: float = 0.02
   layer_norm_eps: float = 1e-5
+  remat: bool = False  # recompute each block's activations in the backward pass (less memory)
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
@@ -109,7 +110,7 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxH, pos_T, kv, start, *, train: bool):
+  def __call__(self, x_BxTxH, pos_T, kv, start, train: bool):
     cfg = self.cfg
     norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, use_bias=cfg.bias, dtype=jnp.float32, name=name)  # noqa: E731
     a, new_kv = CausalSelfAttention(cfg, self.dtype, name="attn")(
@@ -133,7 +134,8 @@ class GPT(nn.Module):
       self.position_embed = nn.Embed(cfg.block_size, cfg.hidden_size, embedding_init=init)
     elif cfg.positions != "rope":
       raise ValueError(f"positions={cfg.positions!r}: expected 'learned' or 'rope'")
-    self.blocks = [Block(cfg, self.dtype, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    block = nn.remat(Block, static_argnums=(5,)) if cfg.remat else Block  # train is static
+    self.blocks = [block(cfg, self.dtype, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = nn.LayerNorm(cfg.layer_norm_eps, use_bias=cfg.bias, dtype=jnp.float32)
     self.drop = nn.Dropout(cfg.dropout)
 
@@ -144,7 +146,7 @@ class GPT(nn.Module):
     x = self.drop(x, deterministic=not train).astype(self.dtype)
     new_cache = []
     for i, block in enumerate(self.blocks):
-      x, kv = block(x, pos_T, None if cache is None else cache[i], start, train=train)
+      x, kv = block(x, pos_T, None if cache is None else cache[i], start, train)
       new_cache.append(kv)
     x = self.final_norm(x)
     # Tied output layer: logits = x E^T (fp32 for the softmax).
