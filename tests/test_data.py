@@ -70,6 +70,39 @@ def test_unknown_source():
     sources.load_split(SST2, "train", source="hub", glue_dir="", tfds_data_dir=None)
 
 
+def test_tfds_source_reads_prepared_glue(tmp_path, small_glue):
+  """A prepared TFDS GLUE (array_record, read without TensorFlow): the same examples as the TSVs,
+  labels mapped by name (TFDS says negative/positive for SST-2's 0/1 and orders MNLI's labels
+  differently), dev -> validation[_matched], and a clear error when nothing is prepared."""
+  from fake_tfds import prepare_glue, prepare_sst2_like
+
+  data_dir = str(tmp_path / "tfds")
+  prepare_sst2_like(data_dir, str(small_glue))
+  tsv = {
+    s: sources.load_split(SST2, s, source="tsv", glue_dir=str(small_glue), tfds_data_dir=None) for s in ("train", "dev")
+  }
+  for split, ex in tsv.items():
+    got = sources.load_split(SST2, split, source="tfds", glue_dir="", tfds_data_dir=data_dir)
+    assert sorted(zip(got.texts, got.labels.tolist())) == sorted(zip(ex.texts, ex.labels.tolist()))
+
+  mnli = tasks.get_task("mnli")  # TFDS: entailment, neutral, contradiction; ours: contradiction, entailment, neutral
+  pairs = [("A man eats.", "Someone eats.", 0), ("A dog runs.", "A cat sleeps.", 2), ("It rains.", "It is wet.", 1)]
+  recs = [{"premise": p, "hypothesis": h, "label": y} for p, h, y in pairs]
+  prepare_glue(data_dir, "mnli", {"train": recs, "validation_matched": recs})
+  got = sources.load_split(mnli, "dev_matched", source="tfds", glue_dir="", tfds_data_dir=data_dir)
+  by_text = dict(zip(got.texts, got.labels.tolist()))
+  assert by_text == {
+    ("A man eats.", "Someone eats."): 1,
+    ("A dog runs.", "A cat sleeps."): 0,
+    ("It rains.", "It is wet."): 2,
+  }
+  # auto falls back to TFDS when the GLUE folder is missing
+  auto = sources.load_split(mnli, "train", source="auto", glue_dir=str(tmp_path / "none"), tfds_data_dir=data_dir)
+  assert len(auto.texts) == 3
+  with pytest.raises(sources.DataError, match=r"TFDS glue/rte:train is not available in data_dir="):
+    sources.load_split(tasks.get_task("rte"), "train", source="tfds", glue_dir="", tfds_data_dir=data_dir)
+
+
 def test_pairs_get_token_types(glue_dir, tokenizer):
   rte = tasks.get_task("rte")
   dev = sources.load_split(rte, "dev", source="tsv", glue_dir=str(glue_dir), tfds_data_dir=None).take(4)

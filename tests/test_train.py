@@ -39,6 +39,16 @@ def test_tiny_end_to_end(small_glue, tmp_path):
   assert kept == sorted({8, best}) and result["best_step"] == best
 
 
+def test_tfds_source_trains_and_evaluates(small_glue, tmp_path):
+  """config.data.source=tfds reads a prepared glue/sst2 (array_record) and runs end to end."""
+  from fake_tfds import prepare_sst2_like
+
+  prepare_sst2_like(str(tmp_path / "tfds"), str(small_glue))
+  cfg = tiny_config(small_glue, **{"data.source": "tfds", "data.tfds_data_dir": str(tmp_path / "tfds")})
+  result = train.train_and_evaluate(cfg, tmp_path / "run")
+  assert result["step"] == 8 and result["final"]["examples"] == 41.0
+
+
 def test_rerun_of_a_finished_run_is_a_no_op(small_glue, tmp_path):
   c = tiny_config(small_glue, num_train_steps=4)
   train.train_and_evaluate(c, tmp_path)

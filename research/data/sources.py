@@ -127,9 +127,13 @@ def read_tfds(task: Task, split: str, data_dir: str | None) -> Examples:
     source = tfds.data_source(task.tfds_name, split=_tfds_split(task, split), data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types for "not prepared"
     raise DataError(f"TFDS {name} is not available in data_dir={data_dir!r}: {e}") from e
-  # Map TFDS label ids to ours by name: TFDS orders MNLI's labels differently.
+  # Map TFDS label ids to ours by name: TFDS orders MNLI's labels differently, and names
+  # SST-2's "negative"/"positive" where the TSVs say 0/1 (task.tfds_labels).
   names = builder.info.features["label"].names if not task.is_regression else None
-  remap = {i: task.labels.index(n) for i, n in enumerate(names)} if names else None
+  ours = task.tfds_labels or task.labels
+  if names and sorted(names) != sorted(ours):
+    raise DataError(f"TFDS {name}: label names {names} do not match the task's {list(ours)}")
+  remap = {i: ours.index(n) for i, n in enumerate(names)} if names else None
   texts, labels = [], []
   for i in range(len(source)):
     r = source[i]

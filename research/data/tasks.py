@@ -23,6 +23,9 @@ class Task:
   # Files without a header name their columns by position.
   header: tuple[str, ...] | None = None
   encoding: str = "utf-8"
+  # TFDS's ClassLabel names for our labels, in our order, where TFDS names them differently
+  # (TFDS sst2 says "negative"/"positive" where the TSVs say 0/1); empty: the same names.
+  tfds_labels: tuple[str, ...] = ()
 
   @property
   def tfds_text_columns(self) -> tuple[str, ...]:
@@ -52,9 +55,19 @@ TASKS: dict[str, Task] = {
       ("0", "1"),
       ("matthews_corr", "accuracy"),
       "glue/cola",
+      tfds_labels=("unacceptable", "acceptable"),
       header=("source", "label", "original_mark", "sentence"),
     ),
-    Task("sst2", ("SST-2", "sst2"), ("sentence",), "label", ("0", "1"), ("accuracy",), "glue/sst2"),
+    Task(
+      "sst2",
+      ("SST-2", "sst2"),
+      ("sentence",),
+      "label",
+      ("0", "1"),
+      ("accuracy",),
+      "glue/sst2",
+      tfds_labels=("negative", "positive"),
+    ),
     Task(
       "mrpc",
       ("MRPC", "mrpc"),
@@ -65,8 +78,18 @@ TASKS: dict[str, Task] = {
       "glue/mrpc",
       tfds_columns=("sentence1", "sentence2"),
       encoding="utf-8-sig",
+      tfds_labels=("not_equivalent", "equivalent"),
     ),
-    Task("qqp", ("QQP", "qqp"), ("question1", "question2"), "is_duplicate", ("0", "1"), ("f1", "accuracy"), "glue/qqp"),
+    Task(
+      "qqp",
+      ("QQP", "qqp"),
+      ("question1", "question2"),
+      "is_duplicate",
+      ("0", "1"),
+      ("f1", "accuracy"),
+      "glue/qqp",
+      tfds_labels=("not_duplicate", "duplicate"),
+    ),
     Task("stsb", ("STS-B", "stsb"), ("sentence1", "sentence2"), "score", None, ("pearson", "spearman"), "glue/stsb"),
     Task(
       "mnli",
@@ -97,7 +120,16 @@ TASKS: dict[str, Task] = {
       ("accuracy",),
       "glue/rte",
     ),
-    Task("wnli", ("WNLI", "wnli"), ("sentence1", "sentence2"), "label", ("0", "1"), ("accuracy",), "glue/wnli"),
+    Task(
+      "wnli",
+      ("WNLI", "wnli"),
+      ("sentence1", "sentence2"),
+      "label",
+      ("0", "1"),
+      ("accuracy",),
+      "glue/wnli",
+      tfds_labels=("not_entailment", "entailment"),
+    ),
   ]
 }
 
