@@ -11,9 +11,13 @@ weights and AdamW, no rematerialization:
                    "Reducing Activation Recomputation", eq. 1, with fp32 tensors and 1-byte
                    dropout masks): s*h*66 + 9*a*s^2 bytes, for s tokens, width h, a heads
     fsdp peak    = + one layer's gathered weights and gradients (8 bytes x layer parameters)
+    with remat   = activations: each layer's fp32 input (s*h*4 bytes per example) plus one
+                   layer's full activations, recomputed during the backward pass
+                   (config.model.remat; measured on MiniLM by benchmarks/train_step.py --remat)
 
 `data` replicates the state on every device. It is arithmetic, not a measurement: allocator
 slack and XLA workspace add some percent, so a total within 15% of the limit is marked "tight".
+"remat" marks a size that fits only with rematerialization.
 """
 
 from __future__ import annotations
@@ -50,6 +54,14 @@ def count(kind: str, layers: int, width: int, heads: int, seq: int) -> int:
   return int(sum(x.size for x in jax.tree.leaves(shapes)))
 
 
+def fits(total: float, total_remat: float, cap: float) -> str:
+  if total <= 0.85 * cap:
+    return "yes"
+  if total <= cap:
+    return "tight"
+  return "remat" if total_remat <= 0.85 * cap else "no"
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--seq", type=int, default=512)
@@ -57,21 +69,23 @@ def main():
   ap.add_argument("--devices", type=int, default=8)
   args = ap.parse_args()
   s, b, k, gb = args.seq, args.per_device_batch, args.devices, 2**30
-  print(f"Per device: seq {s}, {b} sequences per device, {k} devices; fp32 weights + AdamW, no remat.\n")
-  print("| model | params | mesh | state | activations | total | " + " | ".join(HARDWARE) + " |")
-  print("|---|---|---|---|---|---|" + "---|" * len(HARDWARE))
+  print(f"Per device: seq {s}, {b} sequences per device, {k} devices; fp32 weights + AdamW.\n")
+  print("| model | params | mesh | state | activations | total | total, remat | " + " | ".join(HARDWARE) + " |")
+  print("|---|---|---|---|---|---|---|" + "---|" * len(HARDWARE))
   for name, (kind, layers, width, heads) in MODELS.items():
     n = count(kind, layers, width, heads, s)
-    act = layers * b * (s * width * 66 + 9 * heads * s * s)
+    act_layer = b * (s * width * 66 + 9 * heads * s * s)
+    act, act_remat = layers * act_layer, layers * b * s * width * 4 + act_layer
     layer_params = n / layers
     for mesh, shards in (("data", 1), (f"fsdp={k}", k)):
       state = 16 * n / shards + (8 * layer_params if shards > 1 else 0)
-      total = state + act
-      fits = " | ".join(
-        "yes" if total <= 0.85 * cap * gb else ("tight" if total <= cap * gb else "no") for cap in HARDWARE.values()
-      )
+      total, total_remat = state + act, state + act_remat
+
       print(
-        f"| {name} | {n / 1e6:,.0f}M | {mesh} | {state / gb:.1f} GB | {act / gb:.1f} GB | {total / gb:.1f} GB | {fits} |"
+        f"| {name} | {n / 1e6:,.0f}M | {mesh} | {state / gb:.1f} GB | {act / gb:.1f} GB | {total / gb:.1f} GB | "
+        f"{total_remat / gb:.1f} GB | "
+        + " | ".join(fits(total, total_remat, cap * gb) for cap in HARDWARE.values())
+        + " |"
       )
 
 

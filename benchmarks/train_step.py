@@ -269,5 +269,6 @@ def main() -> None:
           f"{r['xla_flops'] / 1e9:.0f}; compile {r['compile_s']:.1f} s)"
         )
 
+
 if __name__ == "__main__":
   main()
