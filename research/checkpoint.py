@@ -18,11 +18,15 @@ from orbax.checkpoint import checkpoint_managers as cm
 log = logging.getLogger(__name__)
 
 
+class MismatchError(ValueError):
+  """A checkpoint whose train state does not fit this run's (model, optimizer, strategy)."""
+
+
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` with the three items we save."""
 
   def __init__(self, directory: str | Path, *, best_metric: str, best_mode: str = "max", read_only: bool = False):
-    self.best_metric = best_metric
+    self.directory, self.best_metric = Path(directory), best_metric
     reverse = best_mode == "min"
 
     def metric(m: dict[str, float]) -> float:
@@ -63,7 +67,15 @@ class Checkpointer:
   def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
     """Restore into the shapes, dtypes and shardings of `abstract_state`."""
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-    out = self.manager.restore(step, args=args)
+    try:
+      out = self.manager.restore(step, args=args)
+    except (ValueError, KeyError, TypeError) as e:  # orbax: tree structure or shape mismatch
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise MismatchError(
+        f"{self.directory}: the checkpoint at step {step} does not fit this run's train state ({first}); "
+        "it was written with a different model, optimizer or fine-tuning strategy. Use a new --workdir, "
+        "or pass the old one as --config.resume only if the state matches."
+      ) from e
     return out.state, out.data
 
   def wait(self) -> None:

@@ -102,6 +102,27 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
   return model, params, {"arch": "bert", "pooling": mc.pooling, **cfg.to_dict()}
 
 
+# Architecture fields that change no parameter shape: a resumed run may change them.
+_FREE_ARCH_FIELDS = {"remat", "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout"}
+
+
+def check_same_model(workdir: Path, arch: dict) -> None:
+  """A workdir holding checkpoints belongs to its model: a different one fails here, naming the
+  fields, before config.json or model_config.json is overwritten."""
+  saved = workdir / "model_config.json"
+  ckpts = workdir / "checkpoints"
+  if not saved.exists() or not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
+    return
+  old, new = json.loads(saved.read_text()), json.loads(json.dumps(arch))
+  diff = sorted(k for k in old.keys() | new.keys() if k not in _FREE_ARCH_FIELDS and old.get(k) != new.get(k))
+  if diff:
+    changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+    raise ValueError(
+      f"{workdir} holds checkpoints of a different model ({changes}); nothing was changed there. "
+      "Use a new --workdir, or delete that one to start over."
+    )
+
+
 def teacher_logits(config, train_ex, task) -> np.ndarray:
   """Score the train set once with the teacher run's best checkpoint (for loss="distill")."""
   from research.predict import Predictor  # predict imports this module
@@ -158,8 +179,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
-  if is_main:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   lm_task = config.task in LM_TASKS
   task = None if lm_task else tasks.get_task(config.task)
   loss_fn = losses.get_loss(config.loss or ("softmax_xent" if lm_task else task.default_loss))
@@ -189,8 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     raise ValueError(f"config.rng_impl={config.rng_impl!r} is supported with parallel='jit' only")
   dropout_rng = jax.random.key_data(jax.random.key(config.seed + 1, impl=config.rng_impl))
   model, params, arch = build_model(config.model, data.num_outputs, data.vocab_size, init_rng, config.finetune, mesh)
-  if is_main:  # what predict.py / generate.py rebuild the model from
-    (workdir / "model_config.json").write_text(json.dumps(arch, indent=2))
+  check_same_model(workdir, arch)  # before anything in the workdir is written
   if config.loss == "distill":
     data.train_enc.extras["teacher_logits"] = teacher_logits(config, data.train_ex, task)
 
@@ -234,6 +252,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     state, data_state = other.restore(other.latest_step(), checkpoint.abstract(state))
     train_iter.set_state(data_state)
     log.info("started from %s step %d", config.resume, int(state.step))
+
+  # Written once the workdir's checkpoints are known to fit this run: config.json records the
+  # run; model_config.json is what predict.py / generate.py rebuild the model from.
+  if is_main:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (workdir / "model_config.json").write_text(json.dumps(arch, indent=2))
 
   # --- Compiled steps ------------------------------------------------------------------------
   loss_kwargs = config.loss_kwargs.to_dict()

@@ -59,6 +59,25 @@ def test_rerun_of_a_finished_run_is_a_no_op(small_glue, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, before, after)
 
 
+def test_a_different_model_or_optimizer_in_a_used_workdir_fails_and_changes_nothing(small_glue, tmp_path):
+  """Rerunning a workdir with another architecture names the changed fields before anything
+  is written; another optimizer (a differently shaped state) gets a clear checkpoint error."""
+  c = tiny_config(small_glue, num_train_steps=4)
+  train.train_and_evaluate(c, tmp_path)
+  files = {f: (tmp_path / f).read_bytes() for f in ("config.json", "model_config.json", "summary.json")}
+  ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  with pytest.raises(ValueError, match=r"holds checkpoints of a different model \(num_hidden_layers: 2 -> 3\)"):
+    train.train_and_evaluate(tiny_config(small_glue, num_train_steps=8, **{"model.num_hidden_layers": 3}), tmp_path)
+  with pytest.raises(checkpoint.MismatchError, match=r"does not fit this run's train state"):
+    train.train_and_evaluate(tiny_config(small_glue, num_train_steps=8, **{"optimizer.name": "sgd"}), tmp_path)
+  assert {f: (tmp_path / f).read_bytes() for f in files} == files
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ckpts
+  # remat changes no parameter: the same workdir resumes with it on
+  assert (
+    train.train_and_evaluate(tiny_config(small_glue, num_train_steps=6, **{"model.remat": True}), tmp_path)["step"] == 6
+  )
+
+
 _CHILD = textwrap.dedent("""
     import logging, os, signal, sys
     logging.basicConfig(level=logging.INFO)
