@@ -179,7 +179,18 @@ def ensure_torch_python(path: str | None) -> str:
     print(f"creating the PyTorch reference venv at {venv} (Python 3.11, torch 2.13 CPU)", file=sys.stderr)
     subprocess.run(["python3.11", "-m", "venv", str(venv)], check=True)
     subprocess.run(
-      [str(py), "-m", "pip", "install", "-q", "torch==2.13.0", "transformers==5.23.*", "safetensors"], check=True
+      [
+        str(py),
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "torch==2.13.0",
+        "transformers==5.23.*",
+        "safetensors",
+        "accelerate>=1.1",
+      ],
+      check=True,
     )
   return str(py)
 

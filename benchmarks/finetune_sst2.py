@@ -1,0 +1,194 @@
+"""End-to-end SST-2 fine-tuning: our trainer beside transformers' PyTorch `Trainer`, in one run.
+
+    .venv/bin/python benchmarks/finetune_sst2.py --steps 300     # a few minutes per side
+    .venv/bin/python benchmarks/finetune_sst2.py                 # one full epoch (2,105 steps) each
+
+Both sides fine-tune the shipped all-MiniLM-L6-v2 with BERT's classifier head (tanh pooler on
+[CLS]) on the SST-2 TSVs with the same recipe: batch 32, AdamW lr 5e-5 (eps 1e-6, weight decay
+0.01, none on biases/LayerNorm), 10% linear warmup then linear decay, clip 1.0, dropout 0.1, max
+length 128, fp32; then one eval over the 872 dev sentences. Each side pads the way it does by
+default in its best configuration: ours to a few length buckets, the `Trainer` dynamically per
+batch with `group_by_length`. Each runs in its own process (the `Trainer` in the Python 3.11 +
+torch 2.13 CPU venv, see benchmarks/train_step.py), so its wall time and peak RSS are its own.
+Wall time is the whole process (imports, data, compile, train, eval); train time is each
+trainer's own count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _child_peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # KiB -> GB (largest child so far)
+
+
+def run_ours(steps: int, seed: int, glue_dir: str) -> dict:
+  work = Path(tempfile.mkdtemp(prefix="ft_sst2_ours_"))
+  n = steps or 0
+  cmd = [
+    sys.executable,
+    "-m",
+    "research.main",
+    "--config=configs/glue.py:task=sst2,model=minilm",
+    f"--workdir={work}",
+    f"--config.data.glue_dir={glue_dir}",
+    f"--config.seed={seed}",
+    "--config.progress=false",
+  ]
+  if n:
+    cmd += [f"--config.num_train_steps={n}", f"--config.eval_every_steps={n}", f"--config.checkpoint_every_steps={n}"]
+  else:
+    cmd += ["--config.num_epochs=1", "--config.eval_every_steps=100000", "--config.checkpoint_every_steps=100000"]
+  t = time.perf_counter()
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  wall = time.perf_counter() - t
+  if out.returncode:
+    raise RuntimeError(f"our run failed:\n{out.stderr[-4000:]}")
+  s = json.loads((work / "summary.json").read_text())
+  return {
+    "side": "ours (research.main, jax, bucketed)",
+    "steps": s["step"],
+    "train_s": s["train_seconds"],
+    "wall_s": wall,
+    "dev_acc": s["final"]["accuracy"],
+    "rss_gb": _child_peak_rss_gb(),
+  }
+
+
+def run_trainer(python: str, steps: int, seed: int, glue_dir: str, model_dir: str) -> dict:
+  t = time.perf_counter()
+  cmd = [python, __file__, "--worker", "--steps", str(steps), "--seed", str(seed), "--glue_dir", glue_dir]
+  out = subprocess.run(cmd + ["--model_dir", model_dir], capture_output=True, text=True)
+  wall = time.perf_counter() - t
+  if out.returncode:
+    raise RuntimeError(f"Trainer run failed:\n{out.stderr[-4000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1]) | {"wall_s": wall}
+
+
+def trainer_worker(steps: int, seed: int, glue_dir: str, model_dir: str) -> dict:
+  """Runs in the torch venv: transformers' Trainer, the recipe in the module docstring."""
+  import csv
+
+  import numpy as np
+  import torch
+  import transformers
+
+  def read(split):
+    with open(Path(glue_dir) / "sst2" / f"{split}.tsv", encoding="utf-8") as f:
+      rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
+
+  tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+
+  class Data(torch.utils.data.Dataset):
+    def __init__(self, split):
+      texts, labels = read(split)
+      enc = tok(texts, truncation=True, max_length=128)
+      self.rows = [
+        {"input_ids": i, "attention_mask": m, "labels": y}
+        for i, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)
+      ]
+
+    def __len__(self):
+      return len(self.rows)
+
+    def __getitem__(self, i):
+      return self.rows[i]
+
+  train, dev = Data("train"), Data("dev")
+  model = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+  total = steps or int(np.ceil(len(train) / 32))
+  args = transformers.TrainingArguments(
+    output_dir=tempfile.mkdtemp(prefix="ft_sst2_trainer_"),
+    per_device_train_batch_size=32,
+    per_device_eval_batch_size=64,
+    learning_rate=5e-5,
+    adam_epsilon=1e-6,
+    weight_decay=0.01,
+    max_grad_norm=1.0,
+    lr_scheduler_type="linear",
+    warmup_steps=int(0.1 * total),
+    max_steps=total,
+    train_sampling_strategy="group_by_length",
+    eval_strategy="no",
+    save_strategy="no",
+    logging_steps=100,
+    report_to=[],
+    use_cpu=True,
+    seed=seed,
+    dataloader_num_workers=0,
+  )
+
+  def accuracy(p):
+    return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+
+  trainer = transformers.Trainer(
+    model=model,
+    args=args,
+    train_dataset=train,
+    eval_dataset=dev,
+    processing_class=tok,
+    data_collator=transformers.DataCollatorWithPadding(tok),
+    compute_metrics=accuracy,
+  )
+  out = trainer.train()
+  ev = trainer.evaluate()
+  return {
+    "side": f"transformers {transformers.__version__} Trainer (torch {torch.__version__}, dynamic padding)",
+    "steps": out.global_step,
+    "train_s": out.metrics["train_runtime"],
+    "dev_acc": ev["eval_accuracy"],
+    "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+  }
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--steps", type=int, default=0, help="train steps per side; 0 = one epoch (2,105)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--glue_dir", default=None, help="GLUE folder (default: ours, $GLUE_DIR or ../shared/data/glue)")
+  p.add_argument("--torch-python", default=None, help="python with torch + transformers (else a venv is made)")
+  p.add_argument("--skip-torch", action="store_true")
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--model_dir", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.worker:
+    print(json.dumps(trainer_worker(args.steps, args.seed, args.glue_dir, args.model_dir)))
+    return
+
+  sys.path.insert(0, str(REPO))
+  from benchmarks.train_step import ensure_torch_python
+  from research.data.sources import default_glue_dir
+  from research.models.convert import resolve_pretrained
+
+  glue_dir = str(Path(args.glue_dir or default_glue_dir()).resolve())
+  rows = [run_ours(args.steps, args.seed, glue_dir)]
+  if not args.skip_torch:
+    python = ensure_torch_python(args.torch_python)
+    rows.append(run_trainer(python, args.steps, args.seed, glue_dir, str(resolve_pretrained("minilm"))))
+  ref = rows[-1] if len(rows) > 1 else None
+  print(
+    f"SST-2, all-MiniLM-L6-v2, batch 32, {rows[0]['steps']} steps per side, seed {args.seed}; one dev eval at the end"
+  )
+  print("| side | steps | train s | train ex/s | wall s | dev acc | peak RSS GB | train speed vs Trainer |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    speed = f"{ref['train_s'] / r['train_s']:.2f}x" if ref else "-"
+    print(
+      f"| {r['side']} | {r['steps']} | {r['train_s']:.0f} | {32 * r['steps'] / r['train_s']:.0f} | "
+      f"{r['wall_s']:.0f} | {100 * r['dev_acc']:.2f} | {r['rss_gb']:.1f} | {speed} |"
+    )
+
+
+if __name__ == "__main__":
+  main()
