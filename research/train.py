@@ -272,6 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       loss_kwargs=loss_kwargs,
       rng_impl=config.rng_impl,
       mask=mask,
+      norms_every=config.log_every_steps,
     ),
     donate=config.donate,
   )
@@ -296,8 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if m["nonfinite"]:
       raise FloatingPointError(
         f"non-finite loss or gradient at step {at} (loss_sum={m['loss_sum']}, "
-        f"grad_norm={m['grad_norm']}); the state was not updated and the last good checkpoint "
-        f"in {workdir / 'checkpoints'} is kept. Lower the learning rate or check the data."
+        f"grad_norm={m['grad_norm']}); the run stopped before saving it, and the last good "
+        f"checkpoint in {workdir / 'checkpoints'} is kept. Lower the learning rate or check the data."
       )
     return m
 
@@ -345,6 +346,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           stopped_early = True
           break
       elif do_save or stop_now:
+        if pending is not None:  # a signal that came after this step's checks: check before saving
+          _accumulate(sums, host_metrics(pending))
+          pending = None
         save(step)
       if stop_now:
         ckpt.wait()
@@ -381,7 +385,8 @@ def _accumulate(sums: dict, m: dict) -> None:
   for k in ("loss_sum", "count", "correct"):
     sums[k] = sums.get(k, 0.0) + float(m[k])
   for k in ("grad_norm", "param_norm", "update_norm", "lr"):
-    sums[k] = float(m[k])  # latest value
+    if not np.isnan(m[k]):  # param/update norms are measured on logging steps only (NaN between)
+      sums[k] = float(m[k])  # latest value
   sums["steps"] = sums.get("steps", 0) + 1
 
 
@@ -389,7 +394,7 @@ def _summarize(s: dict) -> dict:
   out = {"loss": s["loss_sum"] / max(s["count"], 1.0)}
   if s["correct"]:
     out["accuracy"] = s["correct"] / max(s["count"], 1.0)
-  return out | {k: s[k] for k in ("grad_norm", "param_norm", "update_norm", "lr")}
+  return out | {k: s.get(k, float("nan")) for k in ("grad_norm", "param_norm", "update_norm", "lr")}
 
 
 def _fmt(m: dict) -> str:

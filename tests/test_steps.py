@@ -153,7 +153,8 @@ def test_grad_accumulation_equals_one_big_batch():
   np.testing.assert_allclose(hf[0]["grad_norm"], ha[0]["grad_norm"], rtol=1e-5)
 
 
-def test_nonfinite_loss_leaves_state_unchanged():
+def test_nonfinite_loss_is_flagged():
+  """The step reports it; the host stops before saving (tests/test_train.py)."""
   model, tx, schedule, state = _setup()
   mesh = parallel.make_mesh(8)
   fn = parallel.compile_train_step(
@@ -162,12 +163,13 @@ def test_nonfinite_loss_leaves_state_unchanged():
     donate=False,
   )
   state = parallel.replicate(state, mesh)
-  bad = _batch()
+  good = _batch()
+  bad = dict(good, weights=good["weights"].copy())
   bad["weights"][0] = np.nan
-  new, m = fn(state, parallel.to_global(bad, mesh))
+  _, m = fn(state, parallel.to_global(bad, mesh))
   assert float(m["nonfinite"]) == 1.0
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.params), jax.device_get(state.params))
-  assert int(new.step) == 1
+  _, m = fn(state, parallel.to_global(good, mesh))
+  assert float(m["nonfinite"]) == 0.0
 
 
 def test_metrics_are_sums_and_norms():
@@ -176,6 +178,19 @@ def test_metrics_are_sums_and_norms():
   assert set(m) >= {"loss_sum", "count", "correct", "grad_norm", "param_norm", "update_norm", "lr", "nonfinite"}
   assert 0 <= m["correct"] <= m["count"] and m["loss_sum"] > m["count"] * 0.3
   assert float(m["lr"]) == 0.0  # step 0 of the warmup
+  assert np.isfinite(m["param_norm"]) and m["update_norm"] == 0.0  # lr 0: no update yet
+  # norms_every=k: measured when (step + 1) % k == 0, NaN on the other steps
+  model, tx, schedule, state = _setup()
+  fn = jax.jit(
+    functools.partial(
+      steps.train_step, model=model, loss_fn=losses.softmax_xent, tx=tx, schedule=schedule, norms_every=2
+    )
+  )
+  norms = []
+  for _ in range(2):
+    state, m = fn(state, _batch())
+    norms.append(float(m["param_norm"]))
+  assert np.isnan(norms[0]) and np.isfinite(norms[1])
 
 
 def test_eval_step_drops_nothing_real():
