@@ -131,14 +131,22 @@ def collect(root: Path, settings: list[dict], seeds: list[int]) -> list[dict]:
   return rows
 
 
+MIXED = "main metric"
+
+
+def _metric_label(rows: list[dict]) -> str:
+  """The runs' metric, or MIXED when settings are scored on different metrics."""
+  metrics = {r["metric"] for r in rows}
+  return rows[0]["metric"] if len(metrics) == 1 else MIXED
+
+
 def write_tables(root: Path, rows: list[dict], settings: list[dict], title: str, cmd: str) -> str:
   with open(root / "results.csv", "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-  metrics = {r["metric"] for r in rows}
-  mixed = len(metrics) > 1  # e.g. a GLUE table: each task has its own metric, shown per row
-  metric = "main metric" if mixed else rows[0]["metric"]
+  metric = _metric_label(rows)
+  mixed = metric == MIXED  # e.g. a GLUE table: each task has its own metric, shown per row
   lines = [
     f"# {title or root.name}",
     "",
@@ -178,8 +186,7 @@ def plot(root: Path, rows: list[dict], settings: list[dict], seeds: list[int]) -
   import matplotlib.pyplot as plt
 
   names = [setting_name(s) for s in settings if any(r["setting"] == setting_name(s) for r in rows)]
-  metrics = {r["metric"] for r in rows}
-  metric = rows[0]["metric"] if len(metrics) == 1 else "main metric"
+  metric = _metric_label(rows)
   stats = [_mean_std([100 * r["final"] for r in rows if r["setting"] == n]) for n in names]
   fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 1), 3.6))
   ax.bar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="#4C72B0")
