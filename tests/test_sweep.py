@@ -1,6 +1,7 @@
 """The sweep runner: runs override dicts x seeds, skips finished runs, writes tables and plots."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -93,3 +94,29 @@ def test_per_setting_config_arg_and_mixed_metrics(tmp_path):
   assert "| `cola-minilm` | matthews_corr | 1 | 40.0 ± 0.0 | 45.0 ± 0.0 |" in text
   assert "| `stsb-bow` | pearson | 1 | 20.0 ± 0.0 | 25.0 ± 0.0 |" in text
   assert "| setting | metric | seeds | final main metric |" in text
+
+
+def test_curves_reads_splits_derives_perplexity_and_plots(tmp_path):
+  from research import curves
+
+  wd = tmp_path / "run"
+  wd.mkdir()
+  recs = [
+    {"step": 10, "split": "train", "loss": 2.0, "accuracy": 0.1},
+    {"step": 20, "split": "train", "loss": 1.0, "accuracy": 0.3},
+    {"step": 20, "split": "val", "loss": 1.5, "perplexity": 4.4817, "accuracy": 0.2},
+    {"step": 20, "split": "train", "loss": 0.5, "accuracy": 0.4},  # a resumed run re-logs step 20
+  ]
+  (wd / "metrics.jsonl").write_text("\n".join(map(json.dumps, recs)) + "\n")
+  ppl = curves.read_curves(wd, "perplexity")
+  assert ppl["val"] == ([20], [4.4817])
+  assert ppl["train"][0] == [10, 20]
+  assert ppl["train"][1] == pytest.approx([7.389056, 1.648721], rel=1e-5)  # exp(loss), last record wins
+  out = tmp_path / "plots" / "curves.png"
+  curves.plot([wd], ["loss", "accuracy", "perplexity"], out, logy=True)
+  assert out.stat().st_size > 1000
+  with pytest.raises(KeyError, match="grad_norm"):
+    curves.plot([wd], ["grad_norm"], tmp_path / "x.png")
+  (wd / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss"\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl:2: not JSON"):
+    curves.read_curves(wd, "loss")
