@@ -11,14 +11,17 @@ default in its best configuration: ours to a few length buckets, the `Trainer` d
 batch with `group_by_length`. Each runs in its own process (the `Trainer` in the Python 3.11 +
 torch 2.13 CPU venv, see benchmarks/train_step.py), so its wall time and peak RSS are its own.
 Wall time is the whole process (imports, data, compile, train, eval); train time is each
-trainer's own count.
+trainer's own count (ours includes compiling the step programs).
+
+Ours runs twice with the same fresh JAX compilation cache: once cold (every length bucket's
+program compiled), once warm (loaded from the cache, as on a rerun or a sweep's later seeds).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,11 +31,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _child_peak_rss_gb() -> float:
-  return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # KiB -> GB (largest child so far)
+def _run(cmd: list[str], what: str) -> tuple[str, float, float]:
+  """Run `cmd` to completion: (stdout, wall seconds, the process's own peak RSS in GB)."""
+  with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out.seek(0), err.seek(0)
+    if proc.returncode:
+      raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{err.read()[-4000:]}")
+    return out.read(), wall, usage.ru_maxrss / 1e6  # KiB -> GB
 
 
-def run_ours(steps: int, seed: int, glue_dir: str) -> dict:
+def run_ours(steps: int, seed: int, glue_dir: str, cache_dir: str, label: str) -> dict:
   work = Path(tempfile.mkdtemp(prefix="ft_sst2_ours_"))
   n = steps or 0
   cmd = [
@@ -44,35 +57,28 @@ def run_ours(steps: int, seed: int, glue_dir: str) -> dict:
     f"--config.data.glue_dir={glue_dir}",
     f"--config.seed={seed}",
     "--config.progress=false",
+    f"--compilation_cache={cache_dir}",
   ]
   if n:
     cmd += [f"--config.num_train_steps={n}", f"--config.eval_every_steps={n}", f"--config.checkpoint_every_steps={n}"]
   else:
     cmd += ["--config.num_epochs=1", "--config.eval_every_steps=100000", "--config.checkpoint_every_steps=100000"]
-  t = time.perf_counter()
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-  wall = time.perf_counter() - t
-  if out.returncode:
-    raise RuntimeError(f"our run failed:\n{out.stderr[-4000:]}")
+  _, wall, rss = _run(cmd, "our run")
   s = json.loads((work / "summary.json").read_text())
   return {
-    "side": "ours (research.main, jax, bucketed)",
+    "side": f"ours (research.main, jax, length buckets, {label} compile cache)",
     "steps": s["step"],
     "train_s": s["train_seconds"],
     "wall_s": wall,
     "dev_acc": s["final"]["accuracy"],
-    "rss_gb": _child_peak_rss_gb(),
+    "rss_gb": rss,
   }
 
 
 def run_trainer(python: str, steps: int, seed: int, glue_dir: str, model_dir: str) -> dict:
-  t = time.perf_counter()
   cmd = [python, __file__, "--worker", "--steps", str(steps), "--seed", str(seed), "--glue_dir", glue_dir]
-  out = subprocess.run(cmd + ["--model_dir", model_dir], capture_output=True, text=True)
-  wall = time.perf_counter() - t
-  if out.returncode:
-    raise RuntimeError(f"Trainer run failed:\n{out.stderr[-4000:]}")
-  return json.loads(out.stdout.strip().splitlines()[-1]) | {"wall_s": wall}
+  out, wall, rss = _run(cmd + ["--model_dir", model_dir], "Trainer run")
+  return json.loads(out.strip().splitlines()[-1]) | {"wall_s": wall, "rss_gb": rss}
 
 
 def trainer_worker(steps: int, seed: int, glue_dir: str, model_dir: str) -> dict:
@@ -148,7 +154,6 @@ def trainer_worker(steps: int, seed: int, glue_dir: str, model_dir: str) -> dict
     "steps": out.global_step,
     "train_s": out.metrics["train_runtime"],
     "dev_acc": ev["eval_accuracy"],
-    "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
   }
 
 
@@ -159,6 +164,7 @@ def main() -> None:
   p.add_argument("--glue_dir", default=None, help="GLUE folder (default: ours, $GLUE_DIR or ../shared/data/glue)")
   p.add_argument("--torch-python", default=None, help="python with torch + transformers (else a venv is made)")
   p.add_argument("--skip-torch", action="store_true")
+  p.add_argument("--cold-only", action="store_true", help="skip our second (warm compile cache) run")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--model_dir", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -172,7 +178,10 @@ def main() -> None:
   from research.models.convert import resolve_pretrained
 
   glue_dir = str(Path(args.glue_dir or default_glue_dir()).resolve())
-  rows = [run_ours(args.steps, args.seed, glue_dir)]
+  cache = tempfile.mkdtemp(prefix="ft_sst2_jax_cache_")  # empty: the first run compiles, the second loads
+  rows = [run_ours(args.steps, args.seed, glue_dir, cache, "cold")]
+  if not args.cold_only:
+    rows.append(run_ours(args.steps, args.seed, glue_dir, cache, "warm"))
   if not args.skip_torch:
     python = ensure_torch_python(args.torch_python)
     rows.append(run_trainer(python, args.steps, args.seed, glue_dir, str(resolve_pretrained("minilm"))))
@@ -180,10 +189,10 @@ def main() -> None:
   print(
     f"SST-2, all-MiniLM-L6-v2, batch 32, {rows[0]['steps']} steps per side, seed {args.seed}; one dev eval at the end"
   )
-  print("| side | steps | train s | train ex/s | wall s | dev acc | peak RSS GB | train speed vs Trainer |")
+  print("| side | steps | train s | train ex/s | wall s | dev acc | peak RSS GB | speed vs Trainer (train / wall) |")
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:
-    speed = f"{ref['train_s'] / r['train_s']:.2f}x" if ref else "-"
+    speed = f"{ref['train_s'] / r['train_s']:.2f}x / {ref['wall_s'] / r['wall_s']:.2f}x" if ref else "-"
     print(
       f"| {r['side']} | {r['steps']} | {r['train_s']:.0f} | {32 * r['steps'] / r['train_s']:.0f} | "
       f"{r['wall_s']:.0f} | {100 * r['dev_acc']:.2f} | {r['rss_gb']:.1f} | {speed} |"

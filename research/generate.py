@@ -134,7 +134,7 @@ def _define_flags() -> None:
 
 def load(workdir: str | Path, step: str = "latest"):
   """(model, params, tokenizer) of a causal-LM run."""
-  from research import checkpoint
+  from research import checkpoint, optim
   from research.data import lm
 
   workdir = Path(workdir)
@@ -148,7 +148,7 @@ def load(workdir: str | Path, step: str = "latest"):
   if step == "best":
     chosen = checkpoint.best_or_latest(workdir / "checkpoints", "loss", mode="min")
   at, state, _ = checkpoint.restore_on_host(workdir / "checkpoints", chosen)
-  return model, state["params"], lm.load_tokenizer(workdir), at
+  return model, optim.ema_params(state["params"], state["opt_state"]), lm.load_tokenizer(workdir), at
 
 
 def main(argv):

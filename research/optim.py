@@ -6,11 +6,18 @@ Layer-wise lr decay (`layer_decay` < 1, Clark et al. 2020) scales each update by
 `layer_decay ** depth-from-top`: the head and pooler 1, the top layer `d`, ..., embeddings
 `d ** (L + 1)`. Scaling the final update is scaling the learning rate, for every optimizer here.
 `params` is the trainable part only (finetune.py), so frozen parameters get no state.
+
+`ema` > 0 keeps an exponential moving average of the trained weights (Polyak averaging) in
+the optimizer state, so it is checkpointed and resumed like the moments. Its decay ramps up as
+min(ema, (1 + t) / (10 + t)) over the first updates (TF's ExponentialMovingAverage), so early
+averages are not dominated by the initial weights. Evaluation, the best checkpoint, prediction
+and export then use the average (`ema_params`); training continues from the raw weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -104,6 +111,45 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+class EmaState(NamedTuple):
+  inner: Any  # the wrapped optimizer's state
+  count: jax.Array  # updates averaged so far
+  ema: Any  # the moving average, a tree like the trainable parameters
+
+
+def with_ema(tx: optax.GradientTransformation, decay: float) -> optax.GradientTransformation:
+  """`tx`, plus an average of the parameters after each of its updates (in fp32)."""
+
+  def init(params):
+    return EmaState(tx.init(params), jnp.zeros((), jnp.int32), jax.tree.map(lambda p: p.astype(jnp.float32), params))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("with_ema needs the parameters in update()")
+    updates, inner = tx.update(updates, state.inner, params)
+    new = optax.apply_updates(params, updates)
+    d = jnp.minimum(decay, (1.0 + state.count) / (10.0 + state.count))
+    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p.astype(jnp.float32), state.ema, new)
+    return updates, EmaState(inner, state.count + 1, ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def ema_params(params, opt_state):
+  """The weights to evaluate and export: `params` with the trained leaves replaced by their
+  moving average when the optimizer keeps one, else `params`. Works on a live state and on a
+  checkpoint restored without a target (where the EmaState is a dict)."""
+  if isinstance(opt_state, EmaState):
+    ema = opt_state.ema
+  elif isinstance(opt_state, dict) and "ema" in opt_state and "inner" in opt_state:
+    ema = opt_state["ema"]
+  else:
+    return params
+  flat = flax.traverse_util.flatten_dict(params)
+  avg = flax.traverse_util.flatten_dict(ema)
+  return flax.traverse_util.unflatten_dict({k: avg[k].astype(v.dtype) if k in avg else v for k, v in flat.items()})
+
+
 def make_optimizer(
   c: ml_collections.ConfigDict, params, total_steps: int, layers: int | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -119,4 +165,9 @@ def make_optimizer(
       raise ValueError(f"config.optimizer.layer_decay={decay}: expected 0 < decay <= 1")
     layers = finetune.num_layers(params) if layers is None else layers
     tx = optax.chain(tx, scale_by_tree(layer_lr_scales(params, decay, layers)))
+  ema = c.get("ema", 0.0)
+  if ema:
+    if not 0.0 < ema < 1.0:
+      raise ValueError(f"config.optimizer.ema={ema}: expected 0 < ema < 1 (0 = off)")
+    tx = with_ema(tx, ema)
   return tx, schedule

@@ -185,12 +185,15 @@ class Strategy:
 
     return jax.pmap(per_device, axis_name="data", donate_argnums=(0,) if donate else ())
 
-  def compile_eval(self, step_fn: Callable) -> Callable:
-    """`step_fn(params, batch, *, reduce)` -> compiled `(state, batch) -> outputs`."""
+  def compile_eval(self, step_fn: Callable, params_of: Callable = lambda state: state.params) -> Callable:
+    """`step_fn(params, batch, *, reduce)` -> compiled `(state, batch) -> outputs`, evaluating
+    `params_of(state)` (e.g. the optimizer's moving average of the weights)."""
     if self.kind == "jit":
-      return self._lazy(lambda sh: compile_eval_step(lambda state, batch: step_fn(state.params, batch), self.mesh, sh))
+      return self._lazy(
+        lambda sh: compile_eval_step(lambda state, batch: step_fn(params_of(state), batch), self.mesh, sh)
+      )
     psum = lambda tree: jax.lax.psum(tree, "data")  # noqa: E731
-    return jax.pmap(lambda state, batch: step_fn(state.params, batch, reduce=psum), axis_name="data")
+    return jax.pmap(lambda state, batch: step_fn(params_of(state), batch, reduce=psum), axis_name="data")
 
   def _lazy(self, build: Callable) -> Callable:
     """jit once the state's tree is known (its shardings follow from the shapes)."""

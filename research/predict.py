@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from research import checkpoint, finetune, metrics
+from research import checkpoint, finetune, metrics, optim
 from research.data import pipeline, sources, tasks
 from research.models import convert
 from research.models.bert import BertClassifier, BertConfig
@@ -62,7 +62,7 @@ class Predictor:
     else:
       chosen = None if step == "latest" else int(step)
     self.step, state, _ = checkpoint.restore_on_host(ckpt_dir, chosen)
-    self.params = state["params"]
+    self.params = optim.ema_params(state["params"], state["opt_state"])  # the evaluated weights
     # The architecture the run trained (written by train.py), so no pretrained folder is needed.
     arch_path = self.workdir / "model_config.json"
     if arch_path.exists():
@@ -168,7 +168,8 @@ def export_mlm(workdir: str | Path, out: str | Path, step: str = "best") -> Path
   chosen = checkpoint.best_or_latest(ckpt_dir, "loss", mode="min") if step == "best" else None
   chosen = int(step) if step not in ("best", "latest") else chosen
   _, state, _ = checkpoint.restore_on_host(ckpt_dir, chosen)
-  return convert.save_hf_mlm_folder(out, state["params"], BertConfig.from_dict(arch), lm.load_tokenizer(workdir))
+  params = optim.ema_params(state["params"], state["opt_state"])
+  return convert.save_hf_mlm_folder(out, params, BertConfig.from_dict(arch), lm.load_tokenizer(workdir))
 
 
 def main(argv):

@@ -259,6 +259,42 @@ def test_every_optimizer_lowers_a_simple_loss(name):
   assert loss(params) < start
 
 
+def test_ema_of_the_weights_matches_its_formula_and_leaves_training_unchanged():
+  oc = ml_collections.ConfigDict(
+    dict(glue_cfg.get_config().optimizer)
+    | {"name": "sgd", "lr": 0.1, "warmup_ratio": 0.0, "schedule": "constant", "weight_decay": 0.0, "clip_norm": 0.0}
+  )
+  params = {"w": {"kernel": jnp.array([1.0, -2.0])}}
+  loss = lambda p: jnp.sum(p["w"]["kernel"] ** 2)  # noqa: E731
+  plain, _ = optim.make_optimizer(oc, params, 10)
+  oc.ema = 0.5
+  tx, _ = optim.make_optimizer(oc, params, 10)
+  p_plain, s_plain = params, plain.init(params)
+  p_ema, s_ema = params, tx.init(params)
+  expect = np.asarray(params["w"]["kernel"])
+  for t in range(5):
+    u, s_plain = plain.update(jax.grad(loss)(p_plain), s_plain, p_plain)
+    p_plain = optax.apply_updates(p_plain, u)
+    u, s_ema = tx.update(jax.grad(loss)(p_ema), s_ema, p_ema)
+    p_ema = optax.apply_updates(p_ema, u)
+    d = min(0.5, (1 + t) / (10 + t))  # the decay ramps up over the first updates
+    expect = d * expect + (1 - d) * np.asarray(p_ema["w"]["kernel"])
+  np.testing.assert_array_equal(p_ema["w"]["kernel"], p_plain["w"]["kernel"])  # training is untouched
+  np.testing.assert_allclose(s_ema.ema["w"]["kernel"], expect, rtol=1e-6)
+  assert int(s_ema.count) == 5
+  # The evaluated weights: the average for trained leaves, the others as they are, also from a
+  # checkpoint restored without a target (the state is then a dict).
+  full = {"w": {"kernel": p_ema["w"]["kernel"]}, "frozen": {"bias": jnp.ones(2)}}
+  for opt_state in (s_ema, {"inner": [], "count": s_ema.count, "ema": s_ema.ema}):
+    got = optim.ema_params(full, opt_state)
+    np.testing.assert_array_equal(got["w"]["kernel"], s_ema.ema["w"]["kernel"])
+    np.testing.assert_array_equal(got["frozen"]["bias"], jnp.ones(2))
+  assert optim.ema_params(full, s_plain) is full
+  oc.ema = 1.0
+  with pytest.raises(ValueError, match="optimizer.ema=1.0"):
+    optim.make_optimizer(oc, params, 10)
+
+
 def test_unknown_optimizer_and_loss_are_named():
   oc = ml_collections.ConfigDict(dict(glue_cfg.get_config().optimizer) | {"name": "adamww"})
   with pytest.raises(KeyError, match="adamww"):

@@ -272,6 +272,22 @@ def test_predict_split_text_and_export(small_glue, tmp_path):
   assert (folder / "tokenizer.json").exists() and json.loads((folder / "config.json").read_text())["num_labels"] == 2
 
 
+def test_ema_weights_are_what_is_evaluated_kept_and_predicted(small_glue, tmp_path):
+  """optimizer.ema > 0: dev metrics, the best checkpoint and Predictor all use the average."""
+  from research import optim, predict
+
+  wd = tmp_path / "run"
+  result = train.train_and_evaluate(tiny_config(small_glue, **{"optimizer.ema": 0.9, "optimizer.lr": 1e-2}), wd)
+  _, state, _ = checkpoint.restore_on_host(wd / "checkpoints", 8)
+  p = predict.Predictor(wd, step="latest")
+  assert p.step == 8
+  avg = optim.ema_params(state["params"], state["opt_state"])
+  jax.tree.map(np.testing.assert_array_equal, p.params, avg)
+  assert not np.allclose(p.params["classifier"]["kernel"], state["params"]["classifier"]["kernel"])  # it is not the raw weights
+  out = predict.predict_split(p, "dev", tmp_path / "pred")
+  assert out["accuracy"] == result["final"]["accuracy"]
+
+
 def test_bag_of_embeddings_baseline_trains_and_predicts(small_glue, tmp_path):
   from research import predict
 
