@@ -13,6 +13,7 @@ The best checkpoint (by dev metric) is used unless --step says otherwise.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -174,6 +175,8 @@ def export_mlm(workdir: str | Path, out: str | Path, step: str = "best") -> Path
 
 def main(argv):
   del argv
+  for noisy in ("absl", "orbax", "jax._src"):  # checkpoint-restore chatter; errors still show
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   f = flags.FLAGS
   if f.export_mlm:
     print(f"exported to {export_mlm(f.workdir, f.export_mlm, f.step)}", file=sys.stderr)
