@@ -277,7 +277,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     donate=config.donate,
   )
   eval_fn = strategy.compile_eval(
-    functools.partial(steps.eval_step, model=model, loss_fn=loss_fn, loss_kwargs=loss_kwargs, return_logits=not lm_task),
+    functools.partial(
+      steps.eval_step, model=model, loss_fn=loss_fn, loss_kwargs=loss_kwargs, return_logits=not lm_task
+    ),
     params_of=lambda s: optim.ema_params(s.params, s.opt_state),  # the raw weights unless optimizer.ema > 0
   )
 

@@ -283,7 +283,9 @@ def test_ema_weights_are_what_is_evaluated_kept_and_predicted(small_glue, tmp_pa
   assert p.step == 8
   avg = optim.ema_params(state["params"], state["opt_state"])
   jax.tree.map(np.testing.assert_array_equal, p.params, avg)
-  assert not np.allclose(p.params["classifier"]["kernel"], state["params"]["classifier"]["kernel"])  # it is not the raw weights
+  assert not np.allclose(
+    p.params["classifier"]["kernel"], state["params"]["classifier"]["kernel"]
+  )  # it is not the raw weights
   out = predict.predict_split(p, "dev", tmp_path / "pred")
   assert out["accuracy"] == result["final"]["accuracy"]
 
