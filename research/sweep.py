@@ -28,6 +28,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from research.curves import read_curves
+
 
 def load_sweep(config_arg: str) -> tuple[list[dict], str]:
   """The override dicts of `sweep()` in the config file, and the file's docstring title."""
@@ -201,12 +203,11 @@ def plot(root: Path, rows: list[dict], settings: list[dict], seeds: list[int]) -
   for n in names:
     curves, run_metric = {}, next(r["metric"] for r in rows if r["setting"] == n)
     for seed in seeds:
-      path = root / n / f"seed_{seed}" / "metrics.jsonl"
-      if not path.exists():
+      run = root / n / f"seed_{seed}"
+      if not (run / "metrics.jsonl").exists():
         continue
-      for rec in map(json.loads, path.read_text().splitlines()):
-        if rec["split"] == "dev" and run_metric in rec:
-          curves.setdefault(rec["step"], []).append(100 * rec[run_metric])
+      for step, value in zip(*read_curves(run, run_metric).get("dev", ([], []))):
+        curves.setdefault(step, []).append(100 * value)
     xs = sorted(curves)
     ax.plot(xs, [sum(curves[x]) / len(curves[x]) for x in xs], marker="o", ms=3, label=n)
   ax.set_xlabel("step")
