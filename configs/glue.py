@@ -51,7 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss = ""  # "" = the task's default (softmax_xent, or mse for STS-B); see research/losses.py
   c.loss_kwargs = dict(smoothing=0.1, gamma=2.0, delta=1.0, class_weights=(), temperature=2.0, alpha=0.5)
   # Knowledge distillation (loss="distill"): the teacher is a training workdir of this
-  # codebase (its best checkpoint scores the train set once, before training).
+  # codebase (its best checkpoint scores the train set once, before training), or several,
+  # comma-separated, whose logits are averaged (an ensemble); `dir@latest` / `dir@STEP` pick
+  # another checkpoint than the best.
   c.teacher = ""
 
   # Which parameters train (research/finetune.py): full | frozen | top_k | bitfit | lora.

@@ -124,16 +124,25 @@ def check_same_model(workdir: Path, arch: dict) -> None:
 
 
 def teacher_logits(config, train_ex, task) -> np.ndarray:
-  """Score the train set once with the teacher run's best checkpoint (for loss="distill")."""
+  """Score the train set once with the teacher run(s), for loss="distill".
+
+  `config.teacher` is one training workdir of this codebase or several, comma-separated (an
+  ensemble: their logits are averaged, i.e. the normalized geometric mean of their
+  probabilities). Each is read at its best checkpoint, or at `workdir@latest` / `workdir@STEP`.
+  """
   from research.predict import Predictor  # predict imports this module
 
   if not config.teacher:
     raise ValueError("config.loss='distill' needs config.teacher: a training workdir of this codebase")
-  teacher = Predictor(config.teacher)
-  if teacher.task.name != task.name:
-    raise ValueError(f"config.teacher={config.teacher!r} was trained on {teacher.task.name}, not {task.name}")
-  log.info("scoring %d train examples with teacher %s (step %d)", len(train_ex), config.teacher, teacher.step)
-  return teacher.logits(train_ex)
+  scores = []
+  for spec in [t.strip() for t in config.teacher.split(",") if t.strip()]:
+    workdir, _, step = spec.partition("@")
+    teacher = Predictor(workdir, step or "best")
+    if teacher.task.name != task.name:
+      raise ValueError(f"config.teacher: {workdir!r} was trained on {teacher.task.name}, not {task.name}")
+    log.info("scoring %d train examples with teacher %s (step %d)", len(train_ex), workdir, teacher.step)
+    scores.append(teacher.logits(train_ex))
+  return np.mean(scores, axis=0)
 
 
 class _Preemption:

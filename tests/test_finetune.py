@@ -6,6 +6,7 @@ import json
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -13,6 +14,7 @@ from test_steps import CFG, _batch
 
 from configs import glue as glue_cfg
 from research import finetune, losses, optim, steps, train
+from research.data import sources
 from research.models.bert import BertClassifier, BertConfig
 
 LORA_CFG = BertConfig(**(CFG.to_dict() | {"lora_rank": 4, "lora_alpha": 8.0, "lora_targets": ("query", "value")}))
@@ -153,3 +155,10 @@ def test_lora_run_logs_counts_predicts_merged_and_distills(small_glue, tmp_path)
   assert student["step"] == 8 and student["trainable_params"] < student["total_params"]
   with pytest.raises(ValueError, match="needs config.teacher"):
     train.train_and_evaluate(tiny_config(small_glue, loss="distill"), tmp_path / "no_teacher")
+  # An ensemble teacher: the members' logits averaged, each at the checkpoint its spec names.
+  ex = sources.load_split(p.task, "train", source="tsv", glue_dir=small_glue, tfds_data_dir=None)
+  ens = train.teacher_logits(
+    ml_collections.ConfigDict({"teacher": f"{tmp_path / 'lora'}@latest, {tmp_path / 'student'}"}), ex, p.task
+  )
+  want = (p.logits(ex) + predict.Predictor(tmp_path / "student").logits(ex)) / 2
+  np.testing.assert_allclose(ens, want, rtol=1e-5, atol=1e-6)
