@@ -15,6 +15,10 @@ trainer's own count (ours includes compiling the step programs).
 
 Ours runs twice with the same fresh JAX compilation cache: once cold (every length bucket's
 program compiled), once warm (loaded from the cache, as on a rerun or a sweep's later seeds).
+`--pack-rows 4` adds a third run of ours with sequence packing (`--config.data.pack_rows=4`: 4
+rows of 128 tokens per step, ~37 sentences, one program; warm cache). It covers the same
+number of examples as the others (`--steps N` becomes N x 32 sentences' worth of packed
+steps), so it takes fewer, fuller steps. `--rng-impl rbg` applies to all our runs.
 """
 
 from __future__ import annotations
@@ -45,7 +49,12 @@ def _run(cmd: list[str], what: str) -> tuple[str, float, float]:
     return out.read(), wall, usage.ru_maxrss / 1e6  # KiB -> GB
 
 
-def run_ours(steps: int, seed: int, glue_dir: str, cache_dir: str, label: str) -> dict:
+SST2_TRAIN = 67349
+
+
+def run_ours(
+  steps: int, seed: int, glue_dir: str, cache_dir: str, label: str, pack_rows: int = 0, rng_impl: str = ""
+) -> dict:
   work = Path(tempfile.mkdtemp(prefix="ft_sst2_ours_"))
   n = steps or 0
   cmd = [
@@ -59,15 +68,22 @@ def run_ours(steps: int, seed: int, glue_dir: str, cache_dir: str, label: str) -
     "--config.progress=false",
     f"--compilation_cache={cache_dir}",
   ]
-  if n:
+  if rng_impl:
+    cmd.append(f"--config.rng_impl={rng_impl}")
+  if pack_rows:  # the same examples as `n` steps of 32, in fewer packed steps
+    cmd += [f"--config.data.pack_rows={pack_rows}", f"--config.num_epochs={n * 32 / SST2_TRAIN if n else 1}"]
+    cmd += ["--config.eval_every_steps=100000", "--config.checkpoint_every_steps=100000"]
+  elif n:
     cmd += [f"--config.num_train_steps={n}", f"--config.eval_every_steps={n}", f"--config.checkpoint_every_steps={n}"]
   else:
     cmd += ["--config.num_epochs=1", "--config.eval_every_steps=100000", "--config.checkpoint_every_steps=100000"]
   _, wall, rss = _run(cmd, "our run")
   s = json.loads((work / "summary.json").read_text())
+  layout = f"packed {pack_rows} x 128" if pack_rows else "length buckets"
   return {
-    "side": f"ours (research.main, jax, length buckets, {label} compile cache)",
+    "side": f"ours (research.main, jax, {layout}, {label} compile cache{', rbg' if rng_impl == 'rbg' else ''})",
     "steps": s["step"],
+    "examples": s["step"] * s.get("examples_per_step", 32),
     "train_s": s["train_seconds"],
     "wall_s": wall,
     "dev_acc": s["final"]["accuracy"],
@@ -152,6 +168,7 @@ def trainer_worker(steps: int, seed: int, glue_dir: str, model_dir: str) -> dict
   return {
     "side": f"transformers {transformers.__version__} Trainer (torch {torch.__version__}, dynamic padding)",
     "steps": out.global_step,
+    "examples": 32 * out.global_step,
     "train_s": out.metrics["train_runtime"],
     "dev_acc": ev["eval_accuracy"],
   }
@@ -165,6 +182,8 @@ def main() -> None:
   p.add_argument("--torch-python", default=None, help="python with torch + transformers (else a venv is made)")
   p.add_argument("--skip-torch", action="store_true")
   p.add_argument("--cold-only", action="store_true", help="skip our second (warm compile cache) run")
+  p.add_argument("--pack-rows", type=int, default=0, help="also run ours with sequence packing, this many rows")
+  p.add_argument("--rng-impl", default="", help="our dropout PRNG: threefry2x32 (default) or rbg")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--model_dir", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -179,22 +198,26 @@ def main() -> None:
 
   glue_dir = str(Path(args.glue_dir or default_glue_dir()).resolve())
   cache = tempfile.mkdtemp(prefix="ft_sst2_jax_cache_")  # empty: the first run compiles, the second loads
-  rows = [run_ours(args.steps, args.seed, glue_dir, cache, "cold")]
+  rows = [run_ours(args.steps, args.seed, glue_dir, cache, "cold", rng_impl=args.rng_impl)]
   if not args.cold_only:
-    rows.append(run_ours(args.steps, args.seed, glue_dir, cache, "warm"))
+    rows.append(run_ours(args.steps, args.seed, glue_dir, cache, "warm", rng_impl=args.rng_impl))
+  if args.pack_rows:  # its one program compiled in a first, short run: the warm-cache figure
+    run_ours(20, args.seed, glue_dir, cache, "warm-up", args.pack_rows, args.rng_impl)
+    rows.append(run_ours(args.steps, args.seed, glue_dir, cache, "warm", args.pack_rows, args.rng_impl))
   if not args.skip_torch:
     python = ensure_torch_python(args.torch_python)
     rows.append(run_trainer(python, args.steps, args.seed, glue_dir, str(resolve_pretrained("minilm"))))
-  ref = rows[-1] if len(rows) > 1 else None
+  ref = None if args.skip_torch else rows[-1]  # the Trainer
   print(
-    f"SST-2, all-MiniLM-L6-v2, batch 32, {rows[0]['steps']} steps per side, seed {args.seed}; one dev eval at the end"
+    f"SST-2, all-MiniLM-L6-v2, batch 32, {rows[0]['steps']} steps ({rows[0]['examples']:.0f} sentences) per side"
+    f" (packed: the same sentences in fewer steps), seed {args.seed}; one dev eval at the end"
   )
   print("| side | steps | train s | train ex/s | wall s | dev acc | peak RSS GB | speed vs Trainer (train / wall) |")
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:
     speed = f"{ref['train_s'] / r['train_s']:.2f}x / {ref['wall_s'] / r['wall_s']:.2f}x" if ref else "-"
     print(
-      f"| {r['side']} | {r['steps']} | {r['train_s']:.0f} | {32 * r['steps'] / r['train_s']:.0f} | "
+      f"| {r['side']} | {r['steps']} | {r['train_s']:.0f} | {r['examples'] / r['train_s']:.0f} | "
       f"{r['wall_s']:.0f} | {100 * r['dev_acc']:.2f} | {r['rss_gb']:.1f} | {speed} |"
     )
 

@@ -42,6 +42,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # tokens per epoch vs 1.18M with (8, 16, 24, 32, 48, 64, 96, 128), 10 shapes instead of 7)
     buckets=(8, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128),
     sort_window=64,  # batches sorted together by length before shuffling
+    # Sequence packing for training (0 = off): each step is pack_rows rows of max_length tokens
+    # holding as many whole examples as fit (block-diagonal attention, positions restart per
+    # example; one compiled program, ~no padding). batch_size is then unused for training: a
+    # step holds ~pack_rows * max_length / mean length examples (SST-2, 4 rows: ~37).
+    pack_rows=0,
+    pack_max_segments=32,  # examples per packed row at most
     max_train_examples=0,  # 0 = all
     max_eval_examples=0,
     prefetch=2,  # batches put on device ahead of the step

@@ -89,10 +89,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, grad_accum: int = 1) -> None:
+def check_batch_size(batch_size: int, mesh: Mesh, grad_accum: int = 1, name: str = "batch_size") -> None:
   n = mesh.size
   if batch_size % (n * grad_accum):
-    raise ValueError(f"config.batch_size={batch_size} must be divisible by devices ({n}) x grad_accum ({grad_accum})")
+    raise ValueError(f"config.{name}={batch_size} must be divisible by devices ({n}) x grad_accum ({grad_accum})")
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -21,7 +21,8 @@ from research.losses import LossFn
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "masked_positions")
 # Batch fields that are neither model inputs nor labels/weights go to the loss as keywords
 # (e.g. `teacher_logits` for distillation).
-_NOT_LOSS_INPUTS = (*MODEL_INPUTS, "labels", "weights")
+_ROW_FIELDS = (*MODEL_INPUTS, "positions")  # per token; the rest are per example
+_NOT_LOSS_INPUTS = (*_ROW_FIELDS, "labels", "weights")
 
 
 @flax.struct.dataclass
@@ -39,8 +40,17 @@ def create_state(params, tx: optax.GradientTransformation, rng: jax.Array, mask=
 
 
 def _forward(params, batch, rng, *, model: nn.Module, train: bool):
-  inputs = (batch[k] for k in MODEL_INPUTS if k in batch)  # a decoder LM takes input_ids only
+  inputs = [batch[k] for k in MODEL_INPUTS if k in batch]  # a decoder LM takes input_ids only
+  if "positions" in batch:  # packed rows (pipeline.pack_plan): R rows x S example slots
+    inputs += [batch["positions"], batch["labels"].shape[1]]
   return model.apply({"params": params}, *inputs, train=train, rngs={"dropout": rng} if train else None)
+
+
+def _per_example(batch):
+  """Packed rows carry labels, weights and extras as RxS[x...]; the logits come (R*S)xC."""
+  if "positions" not in batch:
+    return batch
+  return {k: v if k in _ROW_FIELDS else v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
 
 
 def _loss_extras(batch) -> dict:
@@ -93,6 +103,7 @@ def train_step(
   def loss_and_aux(train_params, micro, micro_rng):
     params = train_params if mask is None else finetune.combine(train_params, frozen)
     logits = _forward(params, micro, micro_rng, model=model, train=True)
+    micro = _per_example(micro)
     loss_sum, count = loss_fn(
       logits=logits, labels=micro["labels"], weights=micro["weights"], **_loss_extras(micro), **loss_kwargs
     )
@@ -159,6 +170,7 @@ def eval_step(
   """Loss sums (and correct counts) plus, for classification, the logits of every row;
   padded rows (weight 0) are dropped on the host. Language models set `return_logits=False`."""
   logits = _forward(params, batch, None, model=model, train=False)
+  batch = _per_example(batch)
   loss_sum, count = loss_fn(
     logits=logits, labels=batch["labels"], weights=batch["weights"], **_loss_extras(batch), **(loss_kwargs or {})
   )

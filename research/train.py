@@ -195,7 +195,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   # --- Mesh ------------------------------------------------------------------------------
   mesh = parallel.make_mesh(config.num_devices, config.get("fsdp", 1))
   strategy = parallel.Strategy(config.parallel, mesh)
-  parallel.check_batch_size(config.batch_size, mesh, config.optimizer.grad_accum)
+  packed = not lm_task and config.data.get("pack_rows", 0) > 0
+  if packed:
+    if config.model.get("arch", "bert") != "bert":
+      raise ValueError(f"config.data.pack_rows needs a BERT model, not config.model.arch={config.model.arch!r}")
+    parallel.check_batch_size(config.data.pack_rows, mesh, config.optimizer.grad_accum, name="data.pack_rows")
+  else:
+    parallel.check_batch_size(config.batch_size, mesh, config.optimizer.grad_accum)
   parallel.check_batch_size(config.eval_batch_size, mesh)
   log.info("mesh %s over %d processes, %s", dict(mesh.shape), jax.process_count(), config.parallel)
 
@@ -296,7 +302,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   step = int(state.step)
   state = strategy.put_state(state)  # from here on, the compiled step's layout
   writer = writers.MetricWriter(workdir, resume_step=step)
-  progress = writers.Progress(total_steps, config.batch_size, step, enabled=config.progress)
+  ex_per_step = getattr(train_iter, "examples_per_step", config.batch_size)  # packed: a mean
+  progress = writers.Progress(total_steps, ex_per_step, step, enabled=config.progress)
   batches = parallel.prefetch(train_iter, strategy.put_batch, size=config.data.prefetch)
   preempt = _Preemption()
   sums = {}
@@ -379,6 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     "final": dev_metrics,
     "best_step": best,
     "train_seconds": time.time() - t_start,
+    "examples_per_step": ex_per_step,
     "stopped_early": stopped_early,
     **param_counts,
   }

@@ -95,11 +95,19 @@ def glue_data(config, task: tasks.Task) -> Data:
     sort_window=d.sort_window,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    pack_rows=d.pack_rows,
+    max_segments=d.pack_max_segments,
   )
-  pad = pipeline.padding_stats(train_enc, train_iter.plan(0), config.batch_size, buckets)
+  pad = pipeline.padding_stats(train_enc, train_iter.plan(0), d.pack_rows or config.batch_size, buckets)
+  if d.pack_rows:
+    layout = (
+      f"packed {d.pack_rows} x {d.max_length} tokens per step (~{train_iter.examples_per_step:.1f} examples), "
+      f"padding {100 * pad['pad_fraction']:.1f}% ({100 * pad['pad_fraction_unbucketed']:.1f}% one per row unbucketed)"
+    )
+  else:
+    layout = f"buckets {buckets}, padding {100 * pad['pad_fraction']:.1f}% ({100 * pad['pad_fraction_unbucketed']:.1f}% unbucketed)"
   description = (
-    f"{task.name}: {len(train_ex)} train ({train_ex.origin}) / {len(dev_ex)} {config.eval_split} examples; "
-    f"buckets {buckets}, padding {100 * pad['pad_fraction']:.1f}% ({100 * pad['pad_fraction_unbucketed']:.1f}% unbucketed)"
+    f"{task.name}: {len(train_ex)} train ({train_ex.origin}) / {len(dev_ex)} {config.eval_split} examples; {layout}"
   )
   return Data(
     train_iter=train_iter,

@@ -6,6 +6,14 @@ the smallest bucket that holds its longest row, so XLA compiles once per bucket.
 iterator's position, `{"epoch", "index"}`, is a pure function of (seed, epoch), so it
 goes into the checkpoint and a restored run sees exactly the batches it would have.
 
+Packing (training, `pack_rows > 0`): instead of one example per row, each batch is
+`pack_rows` rows of `max_length` tokens holding as many whole examples as fit, in the epoch's
+seeded order (first fit; a batch closes when the next example fits in none of its rows).
+One shape for the whole run, so one compiled program, and almost no padding; the number of
+examples per step varies around `pack_rows * max_length / mean length`. Rows carry
+`attention_mask` = the example's number within the row (1..S, 0 = padding) and `positions`
+(restarting at each example); labels, weights and extras are RxS (S = `max_segments`).
+
 Eval: every example exactly once, sorted by length; rows that pad the last batch carry
 `weights = 0`.
 """
@@ -85,6 +93,58 @@ def epoch_plan(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, sort
   return [batches[i] for i in order]
 
 
+def pack_plan(
+  lengths: np.ndarray, rows: int, length: int, max_segments: int, seed: int, epoch: int
+) -> list[np.ndarray]:
+  """The packed batches of one epoch: for each, an int array of (example, row) pairs.
+
+  Examples come in the same seeded permutation as `epoch_plan`'s; each goes to the first
+  row with room for it (and fewer than `max_segments` examples); when none has room the
+  batch is closed and the example opens the next. Deterministic in (seed, epoch).
+  """
+  if int(lengths.max()) > length:
+    raise ValueError(f"an example of {int(lengths.max())} tokens does not fit a packed row of {length}")
+  perm = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+  batches, cur = [], []
+  fill, segs = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
+  for i in perm:
+    n = lengths[i]
+    room = np.flatnonzero((fill + n <= length) & (segs < max_segments))
+    if not len(room):
+      batches.append(np.asarray(cur, np.int64))
+      cur, fill[:], segs[:] = [], 0, 0
+      room = [0]
+    r = room[0]
+    cur.append((i, r))
+    fill[r] += n
+    segs[r] += 1
+  batches.append(np.asarray(cur, np.int64))
+  return batches
+
+
+def collate_packed(enc: Encoded, pairs: np.ndarray, rows: int, length: int, max_segments: int) -> dict:
+  """Rows of whole examples, as `pack_plan` assigned them (see the module docstring)."""
+  ids = np.zeros((rows, length), np.int32)
+  types = np.zeros((rows, length), np.int32)
+  seg = np.zeros((rows, length), np.int32)
+  pos = np.zeros((rows, length), np.int32)
+  labels = np.zeros((rows, max_segments), enc.labels.dtype)
+  weights = np.zeros((rows, max_segments), np.float32)
+  extras = {k: np.zeros((rows, max_segments, *v.shape[1:]), v.dtype) for k, v in enc.extras.items()}
+  fill, segs = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
+  for i, r in pairs:
+    n, o, s = enc.lengths[i], fill[r], segs[r]
+    ids[r, o : o + n], types[r, o : o + n] = enc.input_ids[i], enc.token_type_ids[i]
+    seg[r, o : o + n], pos[r, o : o + n] = s + 1, np.arange(n)
+    labels[r, s], weights[r, s] = enc.labels[i], 1.0
+    for k, v in enc.extras.items():
+      extras[k][r, s] = v[i]
+    fill[r] += n
+    segs[r] += 1
+  batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": seg, "positions": pos}
+  return batch | {"labels": labels, "weights": weights} | extras
+
+
 class TrainIterator:
   """Endless, checkpointable iterator over training batches for this process.
 
@@ -102,18 +162,31 @@ class TrainIterator:
     sort_window: int = 64,
     process_index: int = 0,
     process_count: int = 1,
+    pack_rows: int = 0,
+    max_segments: int = 32,
   ):
-    if batch_size % process_count:
-      raise ValueError(f"batch_size {batch_size} is not divisible by the {process_count} processes")
+    """`pack_rows > 0` packs examples into that many rows of `buckets[-1]` tokens (module
+    docstring); `batch_size` is then unused."""
+    rows = pack_rows or batch_size
+    if rows % process_count:
+      raise ValueError(
+        f"{'pack_rows' if pack_rows else 'batch_size'} {rows} is not divisible by the {process_count} processes"
+      )
     self.enc, self.batch_size, self.buckets = enc, batch_size, buckets
     self.seed, self.sort_window = seed, sort_window
-    self.rows = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
+    self.pack_rows, self.max_segments = pack_rows, max_segments
+    self.rows = slice(process_index * rows // process_count, (process_index + 1) * rows // process_count)
     self.epoch, self.index = 0, 0
     self._plan, self._plan_epoch = None, -1
 
   @property
   def steps_per_epoch(self) -> int:
-    return -(-len(self.enc) // self.batch_size)
+    """Packed: epoch 0's count (later epochs differ by a step or two)."""
+    return len(self.plan(0)) if self.pack_rows else -(-len(self.enc) // self.batch_size)
+
+  @property
+  def examples_per_step(self) -> float:
+    return len(self.enc) / self.steps_per_epoch if self.pack_rows else float(self.batch_size)
 
   def get_state(self) -> dict[str, int]:
     return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
@@ -125,7 +198,10 @@ class TrainIterator:
 
   def plan(self, epoch: int) -> list[np.ndarray]:
     if self._plan_epoch != epoch:
-      self._plan = epoch_plan(self.enc.lengths, self.batch_size, self.seed, epoch, self.sort_window)
+      if self.pack_rows:
+        self._plan = pack_plan(self.enc.lengths, self.pack_rows, self.buckets[-1], self.max_segments, self.seed, epoch)
+      else:
+        self._plan = epoch_plan(self.enc.lengths, self.batch_size, self.seed, epoch, self.sort_window)
       self._plan_epoch = epoch
     return self._plan
 
@@ -135,7 +211,10 @@ class TrainIterator:
   def __next__(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """The next batch (this process's rows) and the iterator state after it."""
     plan = self.plan(self.epoch)
-    batch = collate(self.enc, plan[self.index], self.batch_size, self.buckets)
+    if self.pack_rows:
+      batch = collate_packed(self.enc, plan[self.index], self.pack_rows, self.buckets[-1], self.max_segments)
+    else:
+      batch = collate(self.enc, plan[self.index], self.batch_size, self.buckets)
     self.index += 1
     if self.index == len(plan):
       self.epoch, self.index = self.epoch + 1, 0
@@ -161,7 +240,12 @@ def eval_batches(
 
 
 def padding_stats(enc: Encoded, plan: list[np.ndarray], batch_size: int, buckets: list[int]) -> dict[str, float]:
-  """Fraction of the tokens the model computes on that are padding, with and without buckets."""
+  """Fraction of the tokens the model computes on that are padding, with and without buckets
+  (packed plans: with packing, and without it at `batch_size` rows of the longest length)."""
+  if plan and plan[0].ndim == 2:  # packed: (example, row) pairs
+    real = int(enc.lengths.sum())
+    packed = len(plan) * batch_size * buckets[-1]
+    return {"pad_fraction": 1 - real / packed, "pad_fraction_unbucketed": 1 - real / (len(enc) * buckets[-1])}
   real = sum(int(enc.lengths[b].sum()) for b in plan)
   bucketed = sum(batch_size * _bucket(int(enc.lengths[b].max()), buckets) for b in plan)
   fixed = len(plan) * batch_size * buckets[-1]

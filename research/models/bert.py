@@ -145,37 +145,56 @@ class Layer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-  """Returns (hidden states BxLxH, pooled [CLS] BxH)."""
+  """Returns (hidden states BxLxH, pooled [CLS] BxH).
+
+  Packed rows (`positions_BxL` given, see `pipeline.TrainIterator(pack_rows=...)`): each row
+  holds several examples; `attention_mask_BxL` then numbers them 1..S per row (0 = padding),
+  attention stays inside each example (a block-diagonal mask), positions restart at each
+  example, and the pooled output is per example: BxSxH, S = `num_segments`.
+  """
 
   cfg: BertConfig
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, *, train: bool):
+  def __call__(
+    self, input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, positions_BxL=None, num_segments=0, *, train: bool
+  ):
     cfg = self.cfg
     init = nn.initializers.normal(cfg.initializer_range)
     _, seq = input_ids_BxL.shape
     if seq > cfg.max_position_embeddings:
       raise ValueError(f"sequence length {seq} > max_position_embeddings {cfg.max_position_embeddings}")
+    packed = positions_BxL is not None
     x_BxLxH = (
       nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, name="token_embed")(input_ids_BxL)
       + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init, name="position_embed")(
-        jnp.arange(seq)[None, :]
+        positions_BxL if packed else jnp.arange(seq)[None, :]
       )
       + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, name="type_embed")(token_type_ids_BxL)
     )
     x_BxLxH = _layer_norm(cfg, "embed_norm")(x_BxLxH)
     x_BxLxH = nn.Dropout(cfg.hidden_dropout_prob)(x_BxLxH, deterministic=not train).astype(self.dtype)
 
-    # Additive mask: 0 where attended, the most negative float where padded.
-    keep_Bx1x1xL = attention_mask_BxL[:, None, None, :].astype(bool)
-    bias_Bx1x1xL = jnp.where(keep_Bx1x1xL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    # Additive mask: 0 where attended, the most negative float where padded (or, packed,
+    # where query and key belong to different examples).
+    if packed:
+      seg_BxL = attention_mask_BxL
+      keep_Bx1xLxL = ((seg_BxL[:, :, None] == seg_BxL[:, None, :]) & (seg_BxL[:, None, :] > 0))[:, None]
+    else:
+      keep_Bx1xLxL = attention_mask_BxL[:, None, None, :].astype(bool)  # Bx1x1xL, broadcast over queries
+    bias = jnp.where(keep_Bx1xLxL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
     layer = nn.remat(Layer, static_argnums=(3,)) if cfg.remat else Layer  # train is static
     for i in range(cfg.num_hidden_layers):
-      x_BxLxH = layer(cfg, self.dtype, name=f"layer_{i}")(x_BxLxH, bias_Bx1x1xL, train)
+      x_BxLxH = layer(cfg, self.dtype, name=f"layer_{i}")(x_BxLxH, bias, train)
 
-    pooled_BxH = jnp.tanh(_dense(cfg.hidden_size, cfg, self.dtype, "pooler")(x_BxLxH[:, 0]))
-    return x_BxLxH, pooled_BxH
+    if packed:  # each example's [CLS]: its first token
+      first_BxSxL = segment_onehot(seg_BxL, num_segments) & (positions_BxL[:, None, :] == 0)
+      cls = jnp.einsum("bsl,blh->bsh", first_BxSxL.astype(x_BxLxH.dtype), x_BxLxH)
+    else:
+      cls = x_BxLxH[:, 0]
+    pooled = jnp.tanh(_dense(cfg.hidden_size, cfg, self.dtype, "pooler")(cls))
+    return x_BxLxH, pooled
 
 
 class BertClassifier(nn.Module):
@@ -184,6 +203,7 @@ class BertClassifier(nn.Module):
   `pooling="cls"` is BERT's (and HF `BertForSequenceClassification`'s): tanh(dense([CLS])).
   `pooling="mean"` averages the real tokens' hidden states, which is what sentence-embedding
   checkpoints such as all-MiniLM-L6-v2 were trained to make meaningful; their pooler is not.
+  On packed rows (see BertEncoder) the logits are per example slot, (B*S)xC, row-major.
   """
 
   cfg: BertConfig
@@ -192,17 +212,29 @@ class BertClassifier(nn.Module):
   pooling: str = "cls"
 
   @nn.compact
-  def __call__(self, input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, *, train: bool = False):
-    hidden_BxLxH, pooled_BxH = BertEncoder(self.cfg, self.dtype, name="bert")(
-      input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, train=train
+  def __call__(
+    self, input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, positions_BxL=None, num_segments=0, *, train=False
+  ):
+    hidden_BxLxH, pooled = BertEncoder(self.cfg, self.dtype, name="bert")(
+      input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, positions_BxL, num_segments, train=train
     )
     if self.pooling == "mean":
-      pooled_BxH = mean_pool(hidden_BxLxH.astype(jnp.float32), attention_mask_BxL).astype(self.dtype)
+      if positions_BxL is None:
+        pooled = mean_pool(hidden_BxLxH.astype(jnp.float32), attention_mask_BxL).astype(self.dtype)
+      else:
+        onehot_BxSxL = segment_onehot(attention_mask_BxL, num_segments).astype(jnp.float32)
+        sums_BxSxH = jnp.einsum("bsl,blh->bsh", onehot_BxSxL, hidden_BxLxH.astype(jnp.float32))
+        pooled = (sums_BxSxH / jnp.maximum(onehot_BxSxL.sum(-1, keepdims=True), 1e-9)).astype(self.dtype)
     elif self.pooling != "cls":
       raise ValueError(f"pooling={self.pooling!r}: expected 'cls' or 'mean'")
-    pooled_BxH = nn.Dropout(self.cfg.hidden_dropout_prob)(pooled_BxH, deterministic=not train)
-    logits_BxC = _dense(self.num_labels, self.cfg, self.dtype, "classifier")(pooled_BxH)
-    return logits_BxC.astype(jnp.float32)
+    pooled = nn.Dropout(self.cfg.hidden_dropout_prob)(pooled, deterministic=not train)
+    logits = _dense(self.num_labels, self.cfg, self.dtype, "classifier")(pooled).astype(jnp.float32)
+    return logits.reshape(-1, self.num_labels)  # BxC, or (B*S)xC packed
+
+
+def segment_onehot(segments_BxL: jax.Array, num_segments: int) -> jax.Array:
+  """BxSxL bools: token l of row b belongs to example s + 1 of that row."""
+  return segments_BxL[:, None, :] == jnp.arange(1, num_segments + 1, dtype=segments_BxL.dtype)[None, :, None]
 
 
 def mean_pool(hidden_BxLxH: jax.Array, attention_mask_BxL: jax.Array) -> jax.Array:
