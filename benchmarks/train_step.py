@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/train_step.py --shapes minilm bert-base
     .venv/bin/python benchmarks/train_step.py --remat --skip-torch   # + a row with remat on
+    .venv/bin/python benchmarks/train_step.py --fused xla --skip-torch   # + einsum vs fused attention
 
 Both sides train BertForSequenceClassification-shaped models (2 labels) with AdamW, fp32,
 dropout on, on the same batch/sequence shape; each runs in its own subprocess so peak RSS
@@ -19,6 +20,7 @@ for the backward pass and workspace), which rematerialization (`--remat`) trades
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -60,8 +62,18 @@ def _time(step, warmup: int, steps: int) -> list[float]:
 
 
 def worker_jax(
-  shape: str, batch: int, seq: int, warmup: int, steps: int, dtype: str, rng_impl: str, remat: bool = False
+  shape: str,
+  batch: int,
+  seq: int,
+  warmup: int,
+  steps: int,
+  dtype: str,
+  rng_impl: str,
+  remat: bool = False,
+  attention: str = "",
 ) -> dict:
+  """`attention` set (einsum | xla | cudnn | auto): that kernel, without attention-probability
+  dropout (the fused kernels have none), so the rows of one --fused comparison match."""
   sys.path.insert(0, str(REPO))
   import functools
 
@@ -76,6 +88,8 @@ def worker_jax(
 
   L, h, heads, inter = SHAPES[shape]
   cfg = BertConfig(num_hidden_layers=L, hidden_size=h, num_attention_heads=heads, intermediate_size=inter, remat=remat)
+  if attention:
+    cfg = dataclasses.replace(cfg, attention=attention, attention_probs_dropout_prob=0.0)
   model = BertClassifier(cfg, num_labels=2, dtype=jnp.dtype(dtype))
   rng = np.random.default_rng(0)
   data = {
@@ -114,7 +128,8 @@ def worker_jax(
 
   times = _time(step, warmup, steps)
   return {
-    "framework": f"ours (jax {jax.__version__}, {dtype}, {rng_impl} dropout{', remat' if remat else ''})",
+    "framework": f"ours (jax {jax.__version__}, {dtype}, {rng_impl} dropout{', remat' if remat else ''}"
+    + (f", attention {attention}, no attention dropout)" if attention else ")"),
     "temp_gb": temp_gb,
     "times": times,
     "compile_s": compile_s,
@@ -195,27 +210,33 @@ def ensure_torch_python(path: str | None) -> str:
   return str(py)
 
 
-def run_worker(python: str, kind: str, args, shape: str, dtype: str = "float32", remat: bool = False) -> dict:
-  cmd = [
-    python,
-    __file__,
-    "--worker",
-    kind,
-    "--shapes",
-    shape,
-    "--batch",
-    str(args.batch),
-    "--seq",
-    str(args.seq),
-    "--warmup",
-    str(args.warmup),
-    "--steps",
-    str(args.steps),
-    "--dtype",
-    dtype,
-    "--rng-impl",
-    args.rng_impl,
-  ] + (["--remat"] if remat else [])
+def run_worker(
+  python: str, kind: str, args, shape: str, dtype: str = "float32", remat: bool = False, attention: str = ""
+) -> dict:
+  cmd = (
+    [
+      python,
+      __file__,
+      "--worker",
+      kind,
+      "--shapes",
+      shape,
+      "--batch",
+      str(args.batch),
+      "--seq",
+      str(args.seq),
+      "--warmup",
+      str(args.warmup),
+      "--steps",
+      str(args.steps),
+      "--dtype",
+      dtype,
+      "--rng-impl",
+      args.rng_impl,
+    ]
+    + (["--remat"] if remat else [])
+    + (["--attention", attention] if attention else [])
+  )
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if out.returncode:
     raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-4000:]}")
@@ -234,13 +255,22 @@ def main() -> None:
   p.add_argument("--torch-python", default=None, help="python with torch + transformers (else a venv is made)")
   p.add_argument("--skip-torch", action="store_true")
   p.add_argument("--remat", action="store_true", help="also time our step with layer rematerialization")
+  p.add_argument(
+    "--fused",
+    choices=["xla", "cudnn", "auto"],
+    help="also time our step with jax.nn.dot_product_attention (this implementation) beside the einsum "
+    "attention, both without attention-probability dropout",
+  )
+  p.add_argument("--attention", default="", help=argparse.SUPPRESS)
   p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
   args = p.parse_args()
 
   if args.worker:
     shape = args.shapes[0]
     if args.worker == "jax":
-      r = worker_jax(shape, args.batch, args.seq, args.warmup, args.steps, args.dtype, args.rng_impl, args.remat)
+      r = worker_jax(
+        shape, args.batch, args.seq, args.warmup, args.steps, args.dtype, args.rng_impl, args.remat, args.attention
+      )
     else:
       r = worker_torch(shape, args.batch, args.seq, args.warmup, args.steps)
     print(json.dumps(r))
@@ -262,6 +292,9 @@ def main() -> None:
     results = [run_worker(sys.executable, "jax", args, shape, args.dtype)]
     if args.remat:
       results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, remat=True))
+    if args.fused:
+      for attention in ("einsum", args.fused):
+        results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, attention=attention))
     if torch_py:
       results.append(run_worker(torch_py, "torch", args, shape))
     ref = statistics.median((results[-1] if torch_py else results[0])["times"]) if reference else None

@@ -74,6 +74,9 @@ def model_config(name: str) -> ml_collections.ConfigDict:
       hidden_dropout_prob=-1.0,  # < 0: keep the checkpoint's value
       attention_probs_dropout_prob=-1.0,
       remat=False,  # recompute layer activations in the backward pass: less memory, ~1/3 more compute
+      # einsum | xla | cudnn | auto: jax.nn.dot_product_attention (fused; cudnn = flash attention on
+      # NVIDIA GPUs) for all but einsum, which needs attention_probs_dropout_prob=0 (BERT)
+      attention="einsum",
       # Architecture, used only for random init:
       vocab_size=0,  # 0 = the tokenizer's
       hidden_size=768,

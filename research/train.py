@@ -24,7 +24,7 @@ from research import checkpoint, finetune, losses, optim, parallel, steps, write
 from research.data import tasks
 from research.data.builders import LM_TASKS, glue_data, lm_data, load_tokenizer  # noqa: F401 (re-exported)
 from research.models import convert
-from research.models.bert import BertClassifier, BertConfig, BertForMaskedLM
+from research.models.bert import FUSED_ATTENTION, BertClassifier, BertConfig, BertForMaskedLM
 from research.models.bow import BagOfEmbeddings
 from research.models.gpt import GPT, GPTConfig
 
@@ -47,7 +47,20 @@ def _scratch_bert(mc: ml_collections.ConfigDict, vocab_size: int) -> BertConfig:
     intermediate_size=mc.intermediate_size,
     max_position_embeddings=mc.max_position_embeddings,
     remat=mc.get("remat", False),
+    attention=mc.get("attention", "einsum"),
+    **{k: mc[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if mc.get(k, -1.0) >= 0},
   )
+
+
+def check_attention(cfg: BertConfig) -> None:
+  if cfg.attention not in ("einsum", *FUSED_ATTENTION):
+    raise ValueError(f"config.model.attention={cfg.attention!r}: expected einsum, {', '.join(FUSED_ATTENTION)}")
+  if cfg.attention != "einsum" and cfg.attention_probs_dropout_prob > 0:
+    raise ValueError(
+      f"config.model.attention={cfg.attention!r} (jax.nn.dot_product_attention) has no attention-probability "
+      f"dropout, and this model's attention_probs_dropout_prob is {cfg.attention_probs_dropout_prob}; "
+      "set --config.model.attention_probs_dropout_prob=0 (or use attention=einsum)"
+    )
 
 
 def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int, rng: jax.Array, ft=None, mesh=None):
@@ -61,6 +74,8 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
     return (parallel.init_sharded(fn, rng, mesh=mesh) if mesh is not None else jax.jit(fn)(rng))["params"]
 
   if mc.arch == "gpt":
+    if mc.get("attention", "einsum") != "einsum":
+      raise ValueError("config.model.attention: the fused kernels are wired into BERT only; use einsum for GPT")
     cfg = GPTConfig(
       vocab_size=mc.vocab_size or vocab_size,
       block_size=mc.block_size,
@@ -76,6 +91,7 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
     return model, init(lambda r: model.init(r, ids)), {"arch": "gpt", **cfg.to_dict()}
   if mc.arch == "bert_mlm":  # masked-LM pretraining from scratch
     cfg = _scratch_bert(mc, vocab_size)
+    check_attention(cfg)
     model = BertForMaskedLM(cfg, dtype=jnp.dtype(mc.dtype))
     return model, init(lambda r: model.init(r, ids, ids, ids, train=False)), {"arch": "bert_mlm", **cfg.to_dict()}
   if mc.arch == "bow":
@@ -90,9 +106,11 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
     cfg = _scratch_bert(mc, vocab_size)
   overrides = {k: mc[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if mc[k] >= 0}
   overrides["remat"] = mc.get("remat", False)
+  overrides["attention"] = mc.get("attention", "einsum")
   if ft is not None and ft.strategy == "lora":
     overrides |= {"lora_rank": ft.lora_rank, "lora_alpha": ft.lora_alpha, "lora_targets": tuple(ft.lora_targets)}
   cfg = BertConfig(**(cfg.to_dict() | overrides))
+  check_attention(cfg)
   if cfg.vocab_size < vocab_size:
     raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
   model = BertClassifier(cfg, num_labels, dtype=jnp.dtype(mc.dtype), pooling=mc.pooling)

@@ -1,5 +1,6 @@
 """Our Flax BERT against transformers' PyTorch BertModel, and the strict weight converter."""
 
+import dataclasses
 import json
 import shutil
 
@@ -25,8 +26,10 @@ def _encode(cfg, encoder, ids, mask, types):
   return BertEncoder(cfg).apply({"params": encoder}, ids, mask, types, train=False)
 
 
-def test_parity_with_pytorch_golden(minilm):
+@pytest.mark.parametrize("attention", ["einsum", "xla"])
+def test_parity_with_pytorch_golden(minilm, attention):
   cfg, encoder = minilm
+  cfg = dataclasses.replace(cfg, attention=attention)  # xla: jax.nn.dot_product_attention
   from conftest import REPO
 
   g = np.load(REPO / GOLDEN)

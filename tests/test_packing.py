@@ -12,7 +12,7 @@ from test_steps import CFG, CFG_NO_DROPOUT
 from configs import glue as glue_cfg
 from research import losses, optim, steps, train
 from research.data import pipeline
-from research.models.bert import BertClassifier
+from research.models.bert import BertClassifier, BertConfig
 
 
 def _encoded(n=40, max_len=20, seed=0, num_labels=2):
@@ -125,3 +125,36 @@ def test_packed_run_trains_and_reports_packing(small_glue, tmp_path, caplog):
   assert any("accuracy" in x for x in lines)
   with pytest.raises(ValueError, match="config.data.pack_rows=6 must be divisible by devices"):
     train.train_and_evaluate(tiny_config(small_glue, **{"data.pack_rows": 6}), tmp_path / "bad")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_attention_matches_einsum(packed):
+  """config.model.attention=xla (jax.nn.dot_product_attention) computes what the written-out
+  softmax does, with padding and with packed rows' block-diagonal mask, forward and backward."""
+  enc = _encoded(n=12, max_len=10)
+  if packed:
+    plan = pipeline.pack_plan(enc.lengths, 3, 24, 4, seed=0, epoch=0)[0]
+    b = pipeline.collate_packed(enc, plan, 3, 24, 4)
+    extra = (b["positions"], 4)
+  else:
+    b, extra = pipeline.collate(enc, np.arange(12), 12, [16]), ()
+  inputs = (*(b[k] for k in steps.MODEL_INPUTS[:3]), *extra)
+  out = {}
+  for attention in ("einsum", "xla"):
+    cfg = BertConfig(**(CFG_NO_DROPOUT.to_dict() | {"attention": attention}))
+    model = BertClassifier(cfg, num_labels=2, pooling="mean")
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), ids, ids, ids)["params"]
+    f = lambda p, model=model: (model.apply({"params": p}, *inputs) ** 2).sum()  # noqa: E731
+    out[attention] = (model.apply({"params": params}, *inputs), jax.grad(f)(params))
+  keep = b["weights"].reshape(-1) > 0
+  np.testing.assert_allclose(out["xla"][0][keep], out["einsum"][0][keep], atol=1e-5, rtol=1e-5)
+  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-4), out["xla"][1], out["einsum"][1])
+
+
+def test_fused_attention_needs_no_attention_dropout():
+  with pytest.raises(ValueError, match="attention_probs_dropout_prob=0"):
+    train.check_attention(BertConfig(attention="xla"))
+  with pytest.raises(ValueError, match="expected einsum, xla, cudnn, auto"):
+    train.check_attention(BertConfig(attention="flash"))
+  train.check_attention(BertConfig(attention="xla", attention_probs_dropout_prob=0.0))

@@ -42,6 +42,11 @@ class BertConfig:
   # Rematerialization: recompute each layer's activations in the backward pass instead of
   # keeping them (less memory, ~1/3 more compute). Not part of HF's config either.
   remat: bool = False
+  # Attention kernel: "einsum" (softmax written out, with attention-probability dropout) or
+  # jax.nn.dot_product_attention: "xla", "cudnn" (fused flash attention on NVIDIA GPUs) or
+  # "auto" (JAX picks). The fused ones have no attention-probability dropout, so they need
+  # attention_probs_dropout_prob = 0 (checked by the trainer). Not part of HF's config.
+  attention: str = "einsum"
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> BertConfig:
@@ -57,6 +62,8 @@ class BertConfig:
   def without_lora(self) -> BertConfig:
     return dataclasses.replace(self, lora_rank=0)
 
+
+FUSED_ATTENTION = {"xla": "xla", "cudnn": "cudnn", "auto": None}  # jax.nn.dot_product_attention(implementation=)
 
 # HF's "gelu" is the exact erf form; "gelu_new"/"gelu_pytorch_tanh" the tanh one.
 _ACTIVATIONS = {
@@ -119,6 +126,11 @@ class SelfAttention(nn.Module):
       return _dense(cfg.hidden_size, cfg, self.dtype, name)(x_BxLxH).reshape(b, seq, n, d)
 
     q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = heads("query"), heads("key"), heads("value")
+    if cfg.attention != "einsum":  # the boolean mask is bias == 0
+      ctx_BxLxNxD = jax.nn.dot_product_attention(
+        q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask=bias_Bx1x1xL == 0, implementation=FUSED_ATTENTION[cfg.attention]
+      )
+      return _dense(cfg.hidden_size, cfg, self.dtype, "out")(ctx_BxLxNxD.reshape(b, seq, n * d))
     scores_BxNxLxL = jnp.einsum("bqnd,bknd->bnqk", q_BxLxNxD, k_BxLxNxD) / jnp.sqrt(d).astype(self.dtype)
     # Softmax in fp32: the masked bias is finfo.min, and exp() of bf16 scores is coarse.
     probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL.astype(jnp.float32) + bias_Bx1x1xL, axis=-1)
