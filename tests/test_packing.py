@@ -95,6 +95,17 @@ def test_packed_train_step_equals_unpacked_on_the_same_examples():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), p1, p2)
 
 
+def test_packed_eval_covers_every_example_once():
+  enc = _encoded(n=50, max_len=12)
+  batches = list(pipeline.eval_batches(enc, batch_size=8, buckets=[16], pack_rows=2, max_segments=4))
+  index = np.concatenate([b["index"].reshape(-1) for b in batches])
+  assert sorted(index[index >= 0].tolist()) == list(range(50))
+  for b in batches:  # each slot's label is its example's
+    idx, w = b["index"].reshape(-1), b["weights"].reshape(-1)
+    assert ((idx >= 0) == (w > 0)).all()
+    np.testing.assert_array_equal(b["labels"].reshape(-1)[idx >= 0], enc.labels[idx[idx >= 0]])
+
+
 def test_packed_iterator_resumes_exactly():
   enc = _encoded(n=60, max_len=12)
   it = pipeline.TrainIterator(enc, batch_size=16, buckets=[16], seed=1, pack_rows=2, max_segments=6)
@@ -123,6 +134,11 @@ def test_packed_run_trains_and_reports_packing(small_glue, tmp_path, caplog):
   assert any("packed 8 x 32 tokens per step" in r.getMessage() for r in caplog.records)
   lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert any("accuracy" in x for x in lines)
+  # Dev was evaluated on packed rows too: the unpacked Predictor scores the same.
+  from research import predict
+
+  p = predict.Predictor(tmp_path / "run", step="latest")
+  assert predict.predict_split(p, "dev", tmp_path / "pred")["accuracy"] == out["final"]["accuracy"]
   with pytest.raises(ValueError, match="config.data.pack_rows=6 must be divisible by devices"):
     train.train_and_evaluate(tiny_config(small_glue, **{"data.pack_rows": 6}), tmp_path / "bad")
 

@@ -45,10 +45,12 @@ def evaluate(eval_fn, state, enc: pipeline.Encoded, task: tasks.Task, config, st
     buckets=pipeline.bucket_lengths(config.data.buckets, config.data.max_length),
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    pack_rows=config.data.get("pack_rows", 0),
+    max_segments=config.data.get("pack_max_segments", 32),
   ):
     index = batch.pop("index")
     out = eval_fn(state, strategy.put_batch(batch))
-    index = strategy.rows(strategy.put_batch({"index": index})["index"])
+    index = strategy.rows(strategy.put_batch({"index": index})["index"]).reshape(-1)  # packed: RxS slots
     logits = strategy.rows(out["logits"])
     keep = index >= 0
     logits_all[index[keep]] = logits[keep]

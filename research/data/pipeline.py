@@ -98,16 +98,20 @@ def pack_plan(
 ) -> list[np.ndarray]:
   """The packed batches of one epoch: for each, an int array of (example, row) pairs.
 
-  Examples come in the same seeded permutation as `epoch_plan`'s; each goes to the first
-  row with room for it (and fewer than `max_segments` examples); when none has room the
-  batch is closed and the example opens the next. Deterministic in (seed, epoch).
+  Examples come in the same seeded permutation as `epoch_plan`'s. Deterministic in (seed, epoch).
   """
-  if int(lengths.max()) > length:
+  return first_fit(lengths, np.random.default_rng([seed, epoch]).permutation(len(lengths)), rows, length, max_segments)
+
+
+def first_fit(lengths: np.ndarray, order: np.ndarray, rows: int, length: int, max_segments: int) -> list[np.ndarray]:
+  """Examples in `order`, each to the first row with room for it (and fewer than
+  `max_segments` examples); when none has room the batch is closed and the example opens the
+  next. Returns, per batch, an int array of (example, row) pairs."""
+  if len(lengths) and int(lengths.max()) > length:
     raise ValueError(f"an example of {int(lengths.max())} tokens does not fit a packed row of {length}")
-  perm = np.random.default_rng([seed, epoch]).permutation(len(lengths))
   batches, cur = [], []
   fill, segs = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
-  for i in perm:
+  for i in order:
     n = lengths[i]
     room = np.flatnonzero((fill + n <= length) & (segs < max_segments))
     if not len(room):
@@ -118,7 +122,8 @@ def pack_plan(
     cur.append((i, r))
     fill[r] += n
     segs[r] += 1
-  batches.append(np.asarray(cur, np.int64))
+  if cur:
+    batches.append(np.asarray(cur, np.int64))
   return batches
 
 
@@ -222,14 +227,33 @@ class TrainIterator:
 
 
 def eval_batches(
-  enc: Encoded, *, batch_size: int, buckets: list[int], process_index: int = 0, process_count: int = 1
+  enc: Encoded,
+  *,
+  batch_size: int,
+  buckets: list[int],
+  process_index: int = 0,
+  process_count: int = 1,
+  pack_rows: int = 0,
+  max_segments: int = 32,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Every example exactly once, sorted by length; padded rows have weight 0.
 
   Each batch also carries `index`, the example ids of its rows (-1 for padding), so
-  predictions can be put back in dataset order.
+  predictions can be put back in dataset order. `pack_rows > 0`: packed rows of `buckets[-1]`
+  tokens as in training (one program), `index` per example slot, RxS.
   """
   order = np.argsort(enc.lengths, kind="stable")
+  if pack_rows:
+    rows = slice(process_index * pack_rows // process_count, (process_index + 1) * pack_rows // process_count)
+    for pairs in first_fit(enc.lengths, order, pack_rows, buckets[-1], max_segments):
+      batch = collate_packed(enc, pairs, pack_rows, buckets[-1], max_segments)
+      batch["index"] = np.full((pack_rows, max_segments), -1, np.int32)
+      slot = {int(r): 0 for r in range(pack_rows)}
+      for i, r in pairs:  # collate_packed fills each row's slots in this order
+        batch["index"][r, slot[int(r)]] = i
+        slot[int(r)] += 1
+      yield {k: v[rows] for k, v in batch.items()}
+    return
   rows = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
   for start in range(0, len(order), batch_size):
     idx = order[start : start + batch_size]
