@@ -15,10 +15,11 @@ trainer's own count (ours includes compiling the step programs).
 
 Ours runs twice with the same fresh JAX compilation cache: once cold (every length bucket's
 program compiled), once warm (loaded from the cache, as on a rerun or a sweep's later seeds).
-`--pack-rows 4` adds a third run of ours with sequence packing (`--config.data.pack_rows=4`: 4
-rows of 128 tokens per step, ~37 sentences, one program; warm cache). It covers the same
-number of examples as the others (`--steps N` becomes N x 32 sentences' worth of packed
-steps), so it takes fewer, fuller steps. `--rng-impl rbg` applies to all our runs.
+`--pack-rows 4` adds two runs of ours with sequence packing (`--config.data.pack_rows=4`: 4
+rows of 128 tokens per step, ~37 sentences, one train and one eval program), cold and warm on
+their own fresh cache. They cover the same number of examples as the others (`--steps N`
+becomes N x 32 sentences' worth of packed steps), so they take fewer, fuller steps.
+`--skip-buckets` leaves out the length-bucket runs; `--rng-impl rbg` applies to all our runs.
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ def main() -> None:
   p.add_argument("--skip-torch", action="store_true")
   p.add_argument("--cold-only", action="store_true", help="skip our second (warm compile cache) run")
   p.add_argument("--pack-rows", type=int, default=0, help="also run ours with sequence packing, this many rows")
+  p.add_argument("--skip-buckets", action="store_true", help="only the packed runs of ours (with --pack-rows)")
   p.add_argument("--rng-impl", default="", help="our dropout PRNG: threefry2x32 (default) or rbg")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--model_dir", default=None, help=argparse.SUPPRESS)
@@ -197,20 +199,18 @@ def main() -> None:
   from research.models.convert import resolve_pretrained
 
   glue_dir = str(Path(args.glue_dir or default_glue_dir()).resolve())
-  cache = tempfile.mkdtemp(prefix="ft_sst2_jax_cache_")  # empty: the first run compiles, the second loads
-  rows = [run_ours(args.steps, args.seed, glue_dir, cache, "cold", rng_impl=args.rng_impl)]
-  if not args.cold_only:
-    rows.append(run_ours(args.steps, args.seed, glue_dir, cache, "warm", rng_impl=args.rng_impl))
-  if args.pack_rows:  # its one program compiled in a first, short run: the warm-cache figure
-    run_ours(20, args.seed, glue_dir, cache, "warm-up", args.pack_rows, args.rng_impl)
-    rows.append(run_ours(args.steps, args.seed, glue_dir, cache, "warm", args.pack_rows, args.rng_impl))
+  rows = []
+  for pack in ([] if args.skip_buckets else [0]) + ([args.pack_rows] if args.pack_rows else []):
+    cache = tempfile.mkdtemp(prefix="ft_sst2_jax_cache_")  # empty: the first run compiles, the second loads
+    for label in ("cold",) if args.cold_only else ("cold", "warm"):
+      rows.append(run_ours(args.steps, args.seed, glue_dir, cache, label, pack, args.rng_impl))
   if not args.skip_torch:
     python = ensure_torch_python(args.torch_python)
     rows.append(run_trainer(python, args.steps, args.seed, glue_dir, str(resolve_pretrained("minilm"))))
   ref = None if args.skip_torch else rows[-1]  # the Trainer
   print(
-    f"SST-2, all-MiniLM-L6-v2, batch 32, {rows[0]['steps']} steps ({rows[0]['examples']:.0f} sentences) per side"
-    f" (packed: the same sentences in fewer steps), seed {args.seed}; one dev eval at the end"
+    f"SST-2, all-MiniLM-L6-v2, {rows[-1]['examples']:.0f} training sentences per side (batch 32; packed: the"
+    f" same number in fewer, fuller steps), seed {args.seed}; one dev eval at the end"
   )
   print("| side | steps | train s | train ex/s | wall s | dev acc | peak RSS GB | speed vs Trainer (train / wall) |")
   print("|---|---|---|---|---|---|---|---|")
