@@ -12,8 +12,6 @@ The baseline without either lever is the README's `runs/sst2-mean-2ep` (89.68 fi
   ensemble of six earlier SST-2 runs at their *final* checkpoints (no dev selection): the
   three runs of this sweep and `runs/sst2`, `runs/sst2-lr2e-5`, `runs/sst2-mean-2ep`
   (the ensemble scores 89.45 on dev). Needs those workdirs.
-- `ema-llrd-packed`: `ema-llrd` on packed rows (4 x 128 tokens per step, ~37 sentences, 1,801
-  steps per epoch) with XLA's RngBitGenerator dropout bits: the fast path of README Performance.
 """
 
 from __future__ import annotations
@@ -42,13 +40,6 @@ def sweep() -> list[dict]:
       "optimizer.layer_decay": 0.8,
       "loss": "distill",
       "teacher": ",".join(f"{w}@latest" for w in TEACHERS),
-    },
-    {
-      "_name": "ema-llrd-packed",
-      "optimizer.lr": 1e-4,
-      "optimizer.layer_decay": 0.8,
-      "data.pack_rows": 4,
-      "rng_impl": "rbg",
     },
   ]
 
