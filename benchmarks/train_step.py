@@ -282,7 +282,7 @@ def main() -> None:
     f"fp32 matmul peak (numpy, n=4096): {peak:.0f} GFLOP/s; batch {args.batch}, seq {args.seq}; "
     f"median of {args.steps} steps after {args.warmup} warm-ups"
   )
-  reference = "PyTorch" if torch_py else "no remat" if args.remat else None
+  reference = "PyTorch" if torch_py else "no remat" if args.remat else "einsum" if args.fused else None
   header = (
     f"| shape | framework | s/step | ex/s | GFLOP/s | % of peak | peak RSS GB | XLA temp GB | speed vs {reference} |"
   )
@@ -297,7 +297,8 @@ def main() -> None:
         results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, attention=attention))
     if torch_py:
       results.append(run_worker(torch_py, "torch", args, shape))
-    ref = statistics.median((results[-1] if torch_py else results[0])["times"]) if reference else None
+    ref_row = results[-1] if torch_py else results[-2] if args.fused and not args.remat else results[0]
+    ref = statistics.median(ref_row["times"]) if reference else None
     for r in results:
       med = statistics.median(r["times"])
       ratio = f"{ref / med:.2f}x" if ref else "-"
