@@ -113,6 +113,10 @@ def test_packed_iterator_resumes_exactly():
   first = [next(it) for _ in range(it.steps_per_epoch + 2)]  # into the second epoch
   it2 = pipeline.TrainIterator(enc, batch_size=16, buckets=[16], seed=1, pack_rows=2, max_segments=6)
   it2.set_state(first[3][1])
+  with pytest.raises(ValueError, match="data.pack_rows=2, pack_max_segments=6 .* but the config has 0"):
+    pipeline.TrainIterator(enc, batch_size=16, buckets=[16], seed=1).set_state(first[3][1])
+  with pytest.raises(ValueError, match="data.pack_rows=0"):
+    it2.set_state({"epoch": 0, "index": 3, "seed": 1})  # an unpacked run's position
   for (b, _), (b2, _) in zip(first[4:], [next(it2) for _ in range(len(first) - 4)]):
     assert all(np.array_equal(b[k], b2[k]) for k in b)
   assert {k: v.shape for k, v in first[0][0].items()} == {
@@ -139,6 +143,11 @@ def test_packed_run_trains_and_reports_packing(small_glue, tmp_path, caplog):
 
   p = predict.Predictor(tmp_path / "run", step="latest")
   assert predict.predict_split(p, "dev", tmp_path / "pred")["accuracy"] == out["final"]["accuracy"]
+  # Continuing it unpacked is refused before anything in the workdir changes.
+  ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+  with pytest.raises(ValueError, match="data.pack_rows=8"):
+    train.train_and_evaluate(tiny_config(small_glue, num_train_steps=12), tmp_path / "run")
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ckpts
   # The same packed run under pmap: the same dev metrics (dropout off: the bits differ by layout).
   no_drop = {"data.pack_rows": 8, "data.pack_max_segments": 8, "model.hidden_dropout_prob": 0.0}
   no_drop["model.attention_probs_dropout_prob"] = 0.0

@@ -194,11 +194,19 @@ class TrainIterator:
     return len(self.enc) / self.steps_per_epoch if self.pack_rows else float(self.batch_size)
 
   def get_state(self) -> dict[str, int]:
-    return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+    state = {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+    return state | ({"pack_rows": self.pack_rows, "max_segments": self.max_segments} if self.pack_rows else {})
 
   def set_state(self, state: dict[str, int]) -> None:
     if state.get("seed", self.seed) != self.seed:
       raise ValueError(f"checkpointed data seed {state['seed']} != config seed {self.seed}")
+    saved = (int(state.get("pack_rows", 0)), int(state.get("max_segments", self.max_segments)))
+    if saved[0] != self.pack_rows or (self.pack_rows and saved[1] != self.max_segments):
+      raise ValueError(
+        f"the checkpoint's data position is for data.pack_rows={saved[0]}, pack_max_segments={saved[1]} "
+        f"(0 = unpacked), but the config has {self.pack_rows}, {self.max_segments}: its batches would differ. "
+        "Resume with the checkpoint's values, or use a new --workdir."
+      )
     self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
   def plan(self, epoch: int) -> list[np.ndarray]:
