@@ -127,8 +127,11 @@ def first_fit(lengths: np.ndarray, order: np.ndarray, rows: int, length: int, ma
   return batches
 
 
-def collate_packed(enc: Encoded, pairs: np.ndarray, rows: int, length: int, max_segments: int) -> dict:
-  """Rows of whole examples, as `pack_plan` assigned them (see the module docstring)."""
+def collate_packed(
+  enc: Encoded, pairs: np.ndarray, rows: int, length: int, max_segments: int, with_index: bool = False
+) -> dict:
+  """Rows of whole examples, as `pack_plan` assigned them (see the module docstring);
+  `with_index` adds `index`, RxS: each slot's example id (-1 = empty), for evaluation."""
   ids = np.zeros((rows, length), np.int32)
   types = np.zeros((rows, length), np.int32)
   seg = np.zeros((rows, length), np.int32)
@@ -136,9 +139,11 @@ def collate_packed(enc: Encoded, pairs: np.ndarray, rows: int, length: int, max_
   labels = np.zeros((rows, max_segments), enc.labels.dtype)
   weights = np.zeros((rows, max_segments), np.float32)
   extras = {k: np.zeros((rows, max_segments, *v.shape[1:]), v.dtype) for k, v in enc.extras.items()}
+  index = np.full((rows, max_segments), -1, np.int32)
   fill, segs = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
   for i, r in pairs:
     n, o, s = enc.lengths[i], fill[r], segs[r]
+    index[r, s] = i
     ids[r, o : o + n], types[r, o : o + n] = enc.input_ids[i], enc.token_type_ids[i]
     seg[r, o : o + n], pos[r, o : o + n] = s + 1, np.arange(n)
     labels[r, s], weights[r, s] = enc.labels[i], 1.0
@@ -147,7 +152,7 @@ def collate_packed(enc: Encoded, pairs: np.ndarray, rows: int, length: int, max_
     fill[r] += n
     segs[r] += 1
   batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": seg, "positions": pos}
-  return batch | {"labels": labels, "weights": weights} | extras
+  return batch | {"labels": labels, "weights": weights} | extras | ({"index": index} if with_index else {})
 
 
 class TrainIterator:
@@ -254,12 +259,7 @@ def eval_batches(
   if pack_rows:
     rows = slice(process_index * pack_rows // process_count, (process_index + 1) * pack_rows // process_count)
     for pairs in first_fit(enc.lengths, order, pack_rows, buckets[-1], max_segments):
-      batch = collate_packed(enc, pairs, pack_rows, buckets[-1], max_segments)
-      batch["index"] = np.full((pack_rows, max_segments), -1, np.int32)
-      slot = {int(r): 0 for r in range(pack_rows)}
-      for i, r in pairs:  # collate_packed fills each row's slots in this order
-        batch["index"][r, slot[int(r)]] = i
-        slot[int(r)] += 1
+      batch = collate_packed(enc, pairs, pack_rows, buckets[-1], max_segments, with_index=True)
       yield {k: v[rows] for k, v in batch.items()}
     return
   rows = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)

@@ -1,0 +1,121 @@
+"""Building the model a config names: BERT (pretrained from a Hugging Face folder, or random),
+masked-LM BERT, GPT, or the bag-of-embeddings baseline; and the guard that keeps a workdir's
+checkpoints with the model they belong to."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from research import parallel
+from research.models import convert
+from research.models.bert import FUSED_ATTENTION, BertClassifier, BertConfig, BertForMaskedLM
+from research.models.bow import BagOfEmbeddings
+from research.models.gpt import GPT, GPTConfig
+
+
+def _scratch_bert(mc: ml_collections.ConfigDict, vocab_size: int) -> BertConfig:
+  return BertConfig(
+    vocab_size=mc.vocab_size or vocab_size,
+    hidden_size=mc.hidden_size,
+    num_hidden_layers=mc.num_hidden_layers,
+    num_attention_heads=mc.num_attention_heads,
+    intermediate_size=mc.intermediate_size,
+    max_position_embeddings=mc.max_position_embeddings,
+    remat=mc.get("remat", False),
+    attention=mc.get("attention", "einsum"),
+    **{k: mc[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if mc.get(k, -1.0) >= 0},
+  )
+
+
+def check_attention(cfg: BertConfig) -> None:
+  if cfg.attention not in ("einsum", *FUSED_ATTENTION):
+    raise ValueError(f"config.model.attention={cfg.attention!r}: expected einsum, {', '.join(FUSED_ATTENTION)}")
+  if cfg.attention != "einsum" and cfg.attention_probs_dropout_prob > 0:
+    raise ValueError(
+      f"config.model.attention={cfg.attention!r} (jax.nn.dot_product_attention) has no attention-probability "
+      f"dropout, and this model's attention_probs_dropout_prob is {cfg.attention_probs_dropout_prob}; "
+      "set --config.model.attention_probs_dropout_prob=0 (or use attention=einsum)"
+    )
+
+
+def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int, rng: jax.Array, ft=None, mesh=None):
+  """Returns (module, params, architecture dict): pretrained from `init_from`, else random.
+
+  `ft` (config.finetune) adds LoRA adapters when its strategy is "lora". With a `mesh`, random
+  parameters are created straight into their jit layout (sharded under fsdp)."""
+  ids = jnp.zeros((1, 8), jnp.int32)
+
+  def init(fn):
+    return (parallel.init_sharded(fn, rng, mesh=mesh) if mesh is not None else jax.jit(fn)(rng))["params"]
+
+  if mc.arch == "gpt":
+    if mc.get("attention", "einsum") != "einsum":
+      raise ValueError("config.model.attention: the fused kernels are wired into BERT only; use einsum for GPT")
+    cfg = GPTConfig(
+      vocab_size=mc.vocab_size or vocab_size,
+      block_size=mc.block_size,
+      num_layers=mc.num_hidden_layers,
+      num_heads=mc.num_attention_heads,
+      hidden_size=mc.hidden_size,
+      dropout=max(mc.hidden_dropout_prob, 0.0),
+      bias=mc.bias,
+      positions=mc.positions,
+      remat=mc.get("remat", False),
+    )
+    model = GPT(cfg, dtype=jnp.dtype(mc.dtype))
+    return model, init(lambda r: model.init(r, ids)), {"arch": "gpt", **cfg.to_dict()}
+  if mc.arch == "bert_mlm":  # masked-LM pretraining from scratch
+    cfg = _scratch_bert(mc, vocab_size)
+    check_attention(cfg)
+    model = BertForMaskedLM(cfg, dtype=jnp.dtype(mc.dtype))
+    return model, init(lambda r: model.init(r, ids, ids, ids, train=False)), {"arch": "bert_mlm", **cfg.to_dict()}
+  if mc.arch == "bow":
+    if mc.init_from:
+      raise ValueError("config.model.arch='bow' is trained from scratch; set config.model.init_from=''")
+    cfg = {"arch": "bow", "vocab_size": mc.vocab_size or vocab_size, "hidden_size": mc.hidden_size}
+    model = BagOfEmbeddings(cfg["vocab_size"], cfg["hidden_size"], num_labels, dtype=jnp.dtype(mc.dtype))
+    return model, init(lambda r: model.init(r, ids, ids, ids)), cfg
+  if mc.init_from:
+    cfg, encoder, heads, _ = convert.load_hf_folder(mc.init_from)
+  else:
+    cfg = _scratch_bert(mc, vocab_size)
+  overrides = {k: mc[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if mc[k] >= 0}
+  overrides["remat"] = mc.get("remat", False)
+  overrides["attention"] = mc.get("attention", "einsum")
+  if ft is not None and ft.strategy == "lora":
+    overrides |= {"lora_rank": ft.lora_rank, "lora_alpha": ft.lora_alpha, "lora_targets": tuple(ft.lora_targets)}
+  cfg = BertConfig(**(cfg.to_dict() | overrides))
+  check_attention(cfg)
+  if cfg.vocab_size < vocab_size:
+    raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
+  model = BertClassifier(cfg, num_labels, dtype=jnp.dtype(mc.dtype), pooling=mc.pooling)
+  params = init(lambda r: model.init(r, ids, ids, ids, train=False))
+  if mc.init_from:
+    params = convert.merge_pretrained(params, encoder, heads, num_labels)
+  return model, params, {"arch": "bert", "pooling": mc.pooling, **cfg.to_dict()}
+
+
+# Architecture fields that change no parameter shape: a resumed run may change them.
+_FREE_ARCH_FIELDS = {"remat", "attention", "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout"}
+
+
+def check_same_model(workdir: Path, arch: dict) -> None:
+  """A workdir holding checkpoints belongs to its model: a different one fails here, naming the
+  fields, before config.json or model_config.json is overwritten."""
+  saved = workdir / "model_config.json"
+  ckpts = workdir / "checkpoints"
+  if not saved.exists() or not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
+    return
+  old, new = json.loads(saved.read_text()), json.loads(json.dumps(arch))
+  diff = sorted(k for k in old.keys() | new.keys() if k not in _FREE_ARCH_FIELDS and old.get(k) != new.get(k))
+  if diff:
+    changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+    raise ValueError(
+      f"{workdir} holds checkpoints of a different model ({changes}); nothing was changed there. "
+      "Use a new --workdir, or delete that one to start over."
+    )
