@@ -77,6 +77,9 @@ def model_config(name: str) -> ml_collections.ConfigDict:
       # einsum | xla | cudnn | auto: jax.nn.dot_product_attention (fused; cudnn = flash attention on
       # NVIDIA GPUs) for all but einsum, which needs attention_probs_dropout_prob=0 (BERT)
       attention="einsum",
+      # pooling=cls: run the last layer for the [CLS] tokens alone (the head reads nothing else;
+      # same logits, ~1/num_layers less encoder work). False = every token, as HF does.
+      last_layer_cls_only=True,
       # Architecture, used only for random init:
       vocab_size=0,  # 0 = the tokenizer's
       hidden_size=768,

@@ -190,3 +190,31 @@ def test_fused_attention_needs_no_attention_dropout():
   with pytest.raises(ValueError, match="expected einsum, xla, cudnn, auto"):
     train.check_attention(BertConfig(attention="flash"))
   train.check_attention(BertConfig(attention="xla", attention_probs_dropout_prob=0.0))
+
+
+@pytest.mark.parametrize(
+  "packed,attention,remat",
+  [(False, "einsum", False), (True, "einsum", False), (True, "xla", False), (False, "einsum", True)],
+)
+def test_cls_only_last_layer_matches_every_token(packed, attention, remat):
+  """pooling=cls runs the last layer for the [CLS] queries alone: the same logits and the
+  same gradient as computing every token (with padding, and packed rows' per-example [CLS])."""
+  enc = _encoded(n=12, max_len=10)
+  if packed:
+    plan = pipeline.pack_plan(enc.lengths, 3, 24, 4, seed=0, epoch=0)[0]
+    b = pipeline.collate_packed(enc, plan, 3, 24, 4)
+    extra = (b["positions"], 4)
+  else:
+    b, extra = pipeline.collate(enc, np.arange(12), 12, [16]), ()
+  inputs = (*(b[k] for k in steps.MODEL_INPUTS[:3]), *extra)
+  cfg = BertConfig(**(CFG_NO_DROPOUT.to_dict() | {"attention": attention, "remat": remat}))
+  out = {}
+  for cls_only in (False, True):
+    model = BertClassifier(cfg, num_labels=2, pooling="cls", last_layer_cls_only=cls_only)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), ids, ids, ids)["params"]  # the same tree either way
+    f = lambda p, model=model: (model.apply({"params": p}, *inputs, train=True) ** 2).sum()  # noqa: E731
+    out[cls_only] = (model.apply({"params": params}, *inputs), jax.grad(f)(params))
+  keep = b["weights"].reshape(-1) > 0
+  np.testing.assert_allclose(out[True][0][keep], out[False][0][keep], atol=1e-5, rtol=1e-5)
+  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-4), out[True][1], out[False][1])

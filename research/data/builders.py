@@ -46,7 +46,7 @@ def evaluate(eval_fn, state, enc: pipeline.Encoded, task: tasks.Task, config, st
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     pack_rows=config.data.get("pack_rows", 0),
-    max_segments=config.data.get("pack_max_segments", 32),
+    max_segments=config.data.get("pack_max_segments", 16),
   ):
     index = batch.pop("index")
     out = eval_fn(state, strategy.put_batch(batch))

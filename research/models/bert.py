@@ -112,48 +112,56 @@ def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
 
 
 class SelfAttention(nn.Module):
+  """Multi-head self-attention. Keys and values come from every token of `x`; queries from
+  `queries_BxQxH` when given (the last layer of a [CLS] classifier, see BertEncoder), else from
+  `x` itself (Q = L)."""
+
   cfg: BertConfig
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxH, bias_Bx1x1xL, *, train: bool):
+  def __call__(self, x_BxLxH, bias_Bx1xQxL, *, train: bool, queries_BxQxH=None):
     cfg = self.cfg
     n = cfg.num_attention_heads
     d = cfg.hidden_size // n
-    b, seq, _ = x_BxLxH.shape
+    q_in_BxQxH = x_BxLxH if queries_BxQxH is None else queries_BxQxH
+    b, nq = q_in_BxQxH.shape[:2]
 
-    def heads(name):
-      return _dense(cfg.hidden_size, cfg, self.dtype, name)(x_BxLxH).reshape(b, seq, n, d)
+    def heads(name, inputs):
+      return _dense(cfg.hidden_size, cfg, self.dtype, name)(inputs).reshape(b, inputs.shape[1], n, d)
 
-    q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = heads("query"), heads("key"), heads("value")
+    q_BxQxNxD = heads("query", q_in_BxQxH)
+    k_BxLxNxD, v_BxLxNxD = heads("key", x_BxLxH), heads("value", x_BxLxH)
     if cfg.attention != "einsum":  # the boolean mask is bias == 0
-      ctx_BxLxNxD = jax.nn.dot_product_attention(
-        q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask=bias_Bx1x1xL == 0, implementation=FUSED_ATTENTION[cfg.attention]
+      ctx_BxQxNxD = jax.nn.dot_product_attention(
+        q_BxQxNxD, k_BxLxNxD, v_BxLxNxD, mask=bias_Bx1xQxL == 0, implementation=FUSED_ATTENTION[cfg.attention]
       )
-      return _dense(cfg.hidden_size, cfg, self.dtype, "out")(ctx_BxLxNxD.reshape(b, seq, n * d))
-    scores_BxNxLxL = jnp.einsum("bqnd,bknd->bnqk", q_BxLxNxD, k_BxLxNxD) / jnp.sqrt(d).astype(self.dtype)
+      return _dense(cfg.hidden_size, cfg, self.dtype, "out")(ctx_BxQxNxD.reshape(b, nq, n * d))
+    scores_BxNxQxL = jnp.einsum("bqnd,bknd->bnqk", q_BxQxNxD, k_BxLxNxD) / jnp.sqrt(d).astype(self.dtype)
     # Softmax in fp32: the masked bias is finfo.min, and exp() of bf16 scores is coarse.
-    probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL.astype(jnp.float32) + bias_Bx1x1xL, axis=-1)
-    probs_BxNxLxL = nn.Dropout(cfg.attention_probs_dropout_prob)(probs_BxNxLxL, deterministic=not train)
-    ctx_BxLxNxD = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxLxL.astype(self.dtype), v_BxLxNxD)
-    return _dense(cfg.hidden_size, cfg, self.dtype, "out")(ctx_BxLxNxD.reshape(b, seq, n * d))
+    probs_BxNxQxL = jax.nn.softmax(scores_BxNxQxL.astype(jnp.float32) + bias_Bx1xQxL, axis=-1)
+    probs_BxNxQxL = nn.Dropout(cfg.attention_probs_dropout_prob)(probs_BxNxQxL, deterministic=not train)
+    ctx_BxQxNxD = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxQxL.astype(self.dtype), v_BxLxNxD)
+    return _dense(cfg.hidden_size, cfg, self.dtype, "out")(ctx_BxQxNxD.reshape(b, nq, n * d))
 
 
 class Layer(nn.Module):
-  """One post-LN transformer layer, as in the original BERT."""
+  """One post-LN transformer layer, as in the original BERT. With `queries_BxQxH` it computes
+  only those positions' outputs (BxQxH), attending over all of `x`."""
 
   cfg: BertConfig
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxH, bias_Bx1x1xL, train: bool):
+  def __call__(self, x_BxLxH, bias_Bx1xQxL, train: bool, queries_BxQxH=None):
     cfg = self.cfg
     drop = nn.Dropout(cfg.hidden_dropout_prob)
-    attn = SelfAttention(cfg, self.dtype, name="attn")(x_BxLxH, bias_Bx1x1xL, train=train)
-    x_BxLxH = _layer_norm(cfg, "attn_norm")(x_BxLxH + drop(attn, deterministic=not train))
-    h = _dense(cfg.intermediate_size, cfg, self.dtype, "mlp_in")(x_BxLxH)
+    attn = SelfAttention(cfg, self.dtype, name="attn")(x_BxLxH, bias_Bx1xQxL, train=train, queries_BxQxH=queries_BxQxH)
+    residual = x_BxLxH if queries_BxQxH is None else queries_BxQxH
+    x = _layer_norm(cfg, "attn_norm")(residual + drop(attn, deterministic=not train))
+    h = _dense(cfg.intermediate_size, cfg, self.dtype, "mlp_in")(x)
     h = _dense(cfg.hidden_size, cfg, self.dtype, "mlp_out")(_ACTIVATIONS[cfg.hidden_act](h))
-    return _layer_norm(cfg, "mlp_norm")(x_BxLxH + drop(h, deterministic=not train))
+    return _layer_norm(cfg, "mlp_norm")(x + drop(h, deterministic=not train))
 
 
 class BertEncoder(nn.Module):
@@ -163,6 +171,11 @@ class BertEncoder(nn.Module):
   holds several examples; `attention_mask_BxL` then numbers them 1..S per row (0 = padding),
   attention stays inside each example (a block-diagonal mask), positions restart at each
   example, and the pooled output is per example: BxSxH, S = `num_segments`.
+
+  `cls_only=True` runs the last layer for the [CLS] queries alone (keys and values still come
+  from every token), for a head that reads nothing else: the other tokens' last-layer outputs
+  would be computed and thrown away (~1/L of the encoder's work). The first output is then
+  the last layer's [CLS] rows (Bx1xH, or BxSxH packed), not every token's hidden state.
   """
 
   cfg: BertConfig
@@ -170,7 +183,15 @@ class BertEncoder(nn.Module):
 
   @nn.compact
   def __call__(
-    self, input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, positions_BxL=None, num_segments=0, *, train: bool
+    self,
+    input_ids_BxL,
+    attention_mask_BxL,
+    token_type_ids_BxL,
+    positions_BxL=None,
+    num_segments=0,
+    *,
+    train: bool,
+    cls_only: bool = False,
   ):
     cfg = self.cfg
     init = nn.initializers.normal(cfg.initializer_range)
@@ -197,14 +218,23 @@ class BertEncoder(nn.Module):
       keep_Bx1xLxL = attention_mask_BxL[:, None, None, :].astype(bool)  # Bx1x1xL, broadcast over queries
     bias = jnp.where(keep_Bx1xLxL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
     layer = nn.remat(Layer, static_argnums=(3,)) if cfg.remat else Layer  # train is static
-    for i in range(cfg.num_hidden_layers):
+    last = cfg.num_hidden_layers - 1
+    for i in range(last if cls_only else cfg.num_hidden_layers):
       x_BxLxH = layer(cfg, self.dtype, name=f"layer_{i}")(x_BxLxH, bias, train)
 
-    if packed:  # each example's [CLS]: its first token
+    # Each example's [CLS] (its first token): BxH, or packed BxSxH.
+    if packed:
       first_BxSxL = segment_onehot(seg_BxL, num_segments) & (positions_BxL[:, None, :] == 0)
       cls = jnp.einsum("bsl,blh->bsh", first_BxSxL.astype(x_BxLxH.dtype), x_BxLxH)
     else:
-      cls = x_BxLxH[:, 0]
+      cls = x_BxLxH[:, :1]
+    if cls_only:  # the last layer at the [CLS] positions alone, attending over every token
+      if packed:  # query s attends to its own example's tokens
+        keep_Bx1xSxL = segment_onehot(seg_BxL, num_segments)[:, None]
+        bias = jnp.where(keep_Bx1xSxL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+      cls = layer(cfg, self.dtype, name=f"layer_{last}")(x_BxLxH, bias, train, cls)
+      x_BxLxH = cls
+    cls = cls if packed else cls[:, 0]
     pooled = jnp.tanh(_dense(cfg.hidden_size, cfg, self.dtype, "pooler")(cls))
     return x_BxLxH, pooled
 
@@ -216,19 +246,23 @@ class BertClassifier(nn.Module):
   `pooling="mean"` averages the real tokens' hidden states, which is what sentence-embedding
   checkpoints such as all-MiniLM-L6-v2 were trained to make meaningful; their pooler is not.
   On packed rows (see BertEncoder) the logits are per example slot, (B*S)xC, row-major.
+  With `pooling="cls"` and `last_layer_cls_only` (the default) the last layer runs for the
+  [CLS] tokens alone (BertEncoder's `cls_only`): the same logits for ~1/L less work.
   """
 
   cfg: BertConfig
   num_labels: int
   dtype: Any = jnp.float32
   pooling: str = "cls"
+  last_layer_cls_only: bool = True
 
   @nn.compact
   def __call__(
     self, input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, positions_BxL=None, num_segments=0, *, train=False
   ):
+    cls_only = self.pooling == "cls" and self.last_layer_cls_only
     hidden_BxLxH, pooled = BertEncoder(self.cfg, self.dtype, name="bert")(
-      input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, positions_BxL, num_segments, train=train
+      input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, positions_BxL, num_segments, train=train, cls_only=cls_only
     )
     if self.pooling == "mean":
       if positions_BxL is None:

@@ -93,7 +93,13 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
   check_attention(cfg)
   if cfg.vocab_size < vocab_size:
     raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
-  model = BertClassifier(cfg, num_labels, dtype=jnp.dtype(mc.dtype), pooling=mc.pooling)
+  model = BertClassifier(
+    cfg,
+    num_labels,
+    dtype=jnp.dtype(mc.dtype),
+    pooling=mc.pooling,
+    last_layer_cls_only=mc.get("last_layer_cls_only", True),
+  )
   params = init(lambda r: model.init(r, ids, ids, ids, train=False))
   if mc.init_from:
     params = convert.merge_pretrained(params, encoder, heads, num_labels)
