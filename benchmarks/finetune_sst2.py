@@ -20,6 +20,10 @@ rows of 128 tokens per step, ~37 sentences, one train and one eval program), col
 their own fresh cache. They cover the same number of examples as the others (`--steps N`
 becomes N x 32 sentences' worth of packed steps), so they take fewer, fuller steps.
 `--skip-buckets` leaves out the length-bucket runs; `--rng-impl rbg` applies to all our runs.
+`--frozen-embeddings` adds packed runs with the embedding block frozen
+(`--config.finetune.strategy=top_k --config.finetune.top_k=6`: every layer trains, the 11.9M
+embedding parameters get no gradient and no AdamW update): a recipe change, so its row names it,
+and its dev accuracy is the check that it costs nothing.
 """
 
 from __future__ import annotations
@@ -53,8 +57,18 @@ def _run(cmd: list[str], what: str) -> tuple[str, float, float]:
 SST2_TRAIN = 67349
 
 
+FROZEN_EMBEDDINGS = ["--config.finetune.strategy=top_k", "--config.finetune.top_k=6"]
+
+
 def run_ours(
-  steps: int, seed: int, glue_dir: str, cache_dir: str, label: str, pack_rows: int = 0, rng_impl: str = ""
+  steps: int,
+  seed: int,
+  glue_dir: str,
+  cache_dir: str,
+  label: str,
+  pack_rows: int = 0,
+  rng_impl: str = "",
+  frozen_embeddings: bool = False,
 ) -> dict:
   work = Path(tempfile.mkdtemp(prefix="ft_sst2_ours_"))
   n = steps or 0
@@ -78,9 +92,12 @@ def run_ours(
     cmd += [f"--config.num_train_steps={n}", f"--config.eval_every_steps={n}", f"--config.checkpoint_every_steps={n}"]
   else:
     cmd += ["--config.num_epochs=1", "--config.eval_every_steps=100000", "--config.checkpoint_every_steps=100000"]
+  if frozen_embeddings:
+    cmd += FROZEN_EMBEDDINGS
   _, wall, rss = _run(cmd, "our run")
   s = json.loads((work / "summary.json").read_text())
   layout = f"packed {pack_rows} x 128" if pack_rows else "length buckets"
+  layout += ", embeddings frozen" if frozen_embeddings else ""
   return {
     "side": f"ours (research.main, jax, {layout}, {label} compile cache{', rbg' if rng_impl == 'rbg' else ''})",
     "steps": s["step"],
@@ -186,6 +203,7 @@ def main() -> None:
   p.add_argument("--pack-rows", type=int, default=0, help="also run ours with sequence packing, this many rows")
   p.add_argument("--skip-buckets", action="store_true", help="only the packed runs of ours (with --pack-rows)")
   p.add_argument("--rng-impl", default="", help="our dropout PRNG: threefry2x32 (default) or rbg")
+  p.add_argument("--frozen-embeddings", action="store_true", help="also packed runs with the embeddings frozen")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--model_dir", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -204,6 +222,10 @@ def main() -> None:
     cache = tempfile.mkdtemp(prefix="ft_sst2_jax_cache_")  # empty: the first run compiles, the second loads
     for label in ("cold",) if args.cold_only else ("cold", "warm"):
       rows.append(run_ours(args.steps, args.seed, glue_dir, cache, label, pack, args.rng_impl))
+  if args.frozen_embeddings:
+    cache = tempfile.mkdtemp(prefix="ft_sst2_jax_cache_")
+    for label in ("cold",) if args.cold_only else ("cold", "warm"):
+      rows.append(run_ours(args.steps, args.seed, glue_dir, cache, label, args.pack_rows or 4, args.rng_impl, True))
   if not args.skip_torch:
     python = ensure_torch_python(args.torch_python)
     rows.append(run_trainer(python, args.steps, args.seed, glue_dir, str(resolve_pretrained("minilm"))))

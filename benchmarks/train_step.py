@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/train_step.py --shapes minilm bert-base
     .venv/bin/python benchmarks/train_step.py --remat --skip-torch   # + a row with remat on
     .venv/bin/python benchmarks/train_step.py --fused xla --skip-torch   # + einsum vs fused attention
+    .venv/bin/python benchmarks/train_step.py --every-token        # + our last layer over every token
 
 Both sides train BertForSequenceClassification-shaped models (2 labels) with AdamW, fp32,
 dropout on, on the same batch/sequence shape; each runs in its own subprocess so peak RSS
@@ -13,6 +14,11 @@ FLOPs per train step (the formula PERF_NOTES uses; XLA's cost analysis agrees wi
     6 * N * T + 12 * L * s^2 * h * B,   N = L * (4h^2 + 2hI) non-embedding matrix params,
 T = B * s tokens. The machine's fp32 matmul peak is measured in the same run (numpy/OpenBLAS,
 the best of the three BLAS paths here), and % of peak = achieved GFLOP/s / peak.
+Our classifier runs its last layer for the [CLS] query alone (`model.last_layer_cls_only`, the
+default: the head reads nothing else, and the logits are the same); `--every-token` adds a row
+with the last layer over all tokens, as HF computes it. GFLOP/s and % of peak count the formula
+above in every row, so for the [CLS]-only rows they are HF-equivalent throughput; XLA's own count
+of the FLOPs it ran is printed below the table.
 "XLA temp GB" is the compiled step's scratch memory (XLA's memory analysis: activations kept
 for the backward pass and workspace), which rematerialization (`--remat`) trades for compute.
 """
@@ -71,6 +77,7 @@ def worker_jax(
   rng_impl: str,
   remat: bool = False,
   attention: str = "",
+  every_token: bool = False,
 ) -> dict:
   """`attention` set (einsum | xla | cudnn | auto): that kernel, without attention-probability
   dropout (the fused kernels have none), so the rows of one --fused comparison match."""
@@ -90,7 +97,7 @@ def worker_jax(
   cfg = BertConfig(num_hidden_layers=L, hidden_size=h, num_attention_heads=heads, intermediate_size=inter, remat=remat)
   if attention:
     cfg = dataclasses.replace(cfg, attention=attention, attention_probs_dropout_prob=0.0)
-  model = BertClassifier(cfg, num_labels=2, dtype=jnp.dtype(dtype))
+  model = BertClassifier(cfg, num_labels=2, dtype=jnp.dtype(dtype), last_layer_cls_only=not every_token)
   rng = np.random.default_rng(0)
   data = {
     "input_ids": rng.integers(1000, 30000, size=(batch, seq)).astype(np.int32),
@@ -129,6 +136,7 @@ def worker_jax(
   times = _time(step, warmup, steps)
   return {
     "framework": f"ours (jax {jax.__version__}, {dtype}, {rng_impl} dropout{', remat' if remat else ''}"
+    + (", last layer over every token" if every_token else "")
     + (f", attention {attention}, no attention dropout)" if attention else ")"),
     "temp_gb": temp_gb,
     "times": times,
@@ -211,7 +219,14 @@ def ensure_torch_python(path: str | None) -> str:
 
 
 def run_worker(
-  python: str, kind: str, args, shape: str, dtype: str = "float32", remat: bool = False, attention: str = ""
+  python: str,
+  kind: str,
+  args,
+  shape: str,
+  dtype: str = "float32",
+  remat: bool = False,
+  attention: str = "",
+  every_token: bool = False,
 ) -> dict:
   cmd = (
     [
@@ -236,6 +251,7 @@ def run_worker(
     ]
     + (["--remat"] if remat else [])
     + (["--attention", attention] if attention else [])
+    + (["--every-token"] if every_token else [])
   )
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if out.returncode:
@@ -261,6 +277,9 @@ def main() -> None:
     help="also time our step with jax.nn.dot_product_attention (this implementation) beside the einsum "
     "attention, both without attention-probability dropout",
   )
+  p.add_argument(
+    "--every-token", action="store_true", help="also time our step with the last layer over every token (as HF)"
+  )
   p.add_argument("--attention", default="", help=argparse.SUPPRESS)
   p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -269,7 +288,16 @@ def main() -> None:
     shape = args.shapes[0]
     if args.worker == "jax":
       r = worker_jax(
-        shape, args.batch, args.seq, args.warmup, args.steps, args.dtype, args.rng_impl, args.remat, args.attention
+        shape,
+        args.batch,
+        args.seq,
+        args.warmup,
+        args.steps,
+        args.dtype,
+        args.rng_impl,
+        args.remat,
+        args.attention,
+        args.every_token,
       )
     else:
       r = worker_torch(shape, args.batch, args.seq, args.warmup, args.steps)
@@ -282,7 +310,8 @@ def main() -> None:
     f"fp32 matmul peak (numpy, n=4096): {peak:.0f} GFLOP/s; batch {args.batch}, seq {args.seq}; "
     f"median of {args.steps} steps after {args.warmup} warm-ups"
   )
-  reference = "PyTorch" if torch_py else "no remat" if args.remat else "einsum" if args.fused else None
+  options = (("PyTorch", torch_py), ("no remat", args.remat), ("every token", args.every_token), ("einsum", args.fused))
+  reference = next((name for name, on in options if on), None)
   header = (
     f"| shape | framework | s/step | ex/s | GFLOP/s | % of peak | peak RSS GB | XLA temp GB | speed vs {reference} |"
   )
@@ -292,12 +321,17 @@ def main() -> None:
     results = [run_worker(sys.executable, "jax", args, shape, args.dtype)]
     if args.remat:
       results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, remat=True))
+    if args.every_token:
+      results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, every_token=True))
     if args.fused:
       for attention in ("einsum", args.fused):
         results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, attention=attention))
     if torch_py:
       results.append(run_worker(torch_py, "torch", args, shape))
-    ref_row = results[-1] if torch_py else results[-2] if args.fused and not args.remat else results[0]
+    if torch_py or reference == "einsum":
+      ref_row = results[-1] if torch_py else results[-2]
+    else:
+      ref_row = results[1] if reference == "every token" else results[0]
     ref = statistics.median(ref_row["times"]) if reference else None
     for r in results:
       med = statistics.median(r["times"])

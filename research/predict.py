@@ -6,8 +6,12 @@ export to a Hugging Face folder.
     python -m research.predict --workdir runs/sst2 --text "a gorgeous, witty film"
     printf 'first sentence\\tsecond sentence\\n' | python -m research.predict --workdir runs/rte --stdin
     python -m research.predict --workdir runs/sst2 --export_hf exported/sst2
+    python -m research.predict --workdir runs/a,runs/b@latest,runs/c --combine soup --split dev
 
-The best checkpoint (by dev metric) is used unless --step says otherwise.
+The best checkpoint (by dev metric) is used unless --step (or `workdir@STEP`) says otherwise.
+Several comma-separated runs of one task are combined with --combine: `ensemble` averages their
+logits, `soup` (Wortsman et al. 2022, a uniform model soup) averages their weights into one
+model, which needs the same architecture and head in every run (e.g. seeds of one recipe).
 """
 
 from __future__ import annotations
@@ -86,13 +90,15 @@ class Predictor:
       self.model = BertClassifier(self.bert_cfg, self.task.num_labels, dtype=dtype, pooling=self.pooling)
     self._apply = jax.jit(lambda p, b: self.model.apply({"params": p}, *(b[k] for k in MODEL_INPUTS if k in b)))
 
-  def logits(self, examples: sources.Examples, batch_size: int = 64) -> np.ndarray:
+  def logits(self, examples: sources.Examples, batch_size: int = 64, params=None) -> np.ndarray:
+    """Logits for `examples` (NxC), with this run's weights or the given `params` (same tree)."""
+    params = self.params if params is None else params
     enc = pipeline.encode(examples, self.tokenizer, self.config.data.max_length)
     buckets = pipeline.bucket_lengths(self.config.data.buckets, self.config.data.max_length)
     out = np.zeros((len(enc), self.task.num_labels), np.float32)
     for batch in pipeline.eval_batches(enc, batch_size=batch_size, buckets=buckets):
       idx = batch.pop("index")
-      logits = np.asarray(self._apply(self.params, batch))
+      logits = np.asarray(self._apply(params, batch))
       out[idx[idx >= 0]] = logits[idx >= 0]
     return out
 
@@ -103,10 +109,51 @@ class Predictor:
     return [self.task.labels[int(p)] for p in pred]
 
 
-def predict_split(p: Predictor, split: str, out_dir: Path) -> dict:
+def load_runs(specs: str, step: str = "best") -> list[Predictor]:
+  """Comma-separated `workdir` or `workdir@STEP` (`@latest`, `@best`) -> one Predictor each, all
+  of one task."""
+  runs = []
+  for spec in [t.strip() for t in specs.split(",") if t.strip()]:
+    workdir, _, at = spec.partition("@")
+    runs.append(Predictor(workdir, at or step))
+    if runs[-1].task.name != runs[0].task.name:
+      raise ValueError(f"{workdir!r} was trained on {runs[-1].task.name}, {runs[0].workdir} on {runs[0].task.name}")
+  if not runs:
+    raise ValueError(f"no training workdir in {specs!r}")
+  return runs
+
+
+COMBINE = ("ensemble", "soup")
+
+
+def combined_logits(runs: list[Predictor], examples: sources.Examples, how: str = "ensemble") -> np.ndarray:
+  """Several runs as one model: their logits averaged ("ensemble"), or their weights ("soup")."""
+  if len(runs) == 1:
+    return runs[0].logits(examples)
+  if how == "ensemble":
+    return np.mean([r.logits(examples) for r in runs], axis=0)
+  if how != "soup":
+    raise ValueError(f"--combine={how!r}: expected one of {', '.join(COMBINE)}")
+  first = runs[0]
+  for r in runs[1:]:
+    same_tree = jax.tree.structure(r.params) == jax.tree.structure(first.params) and all(
+      a.shape == b.shape for a, b in zip(jax.tree.leaves(r.params), jax.tree.leaves(first.params))
+    )
+    if not same_tree or r.pooling != first.pooling:
+      raise ValueError(
+        f"--combine=soup averages weights, so every run needs one architecture and head: {r.workdir} "
+        f"(pooling {r.pooling}) differs from {first.workdir} (pooling {first.pooling}); use --combine=ensemble"
+      )
+  soup = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *[r.params for r in runs])
+  return first.logits(examples, params=soup)
+
+
+def predict_split(p: Predictor | list[Predictor], split: str, out_dir: Path, combine: str = "ensemble") -> dict:
+  runs = p if isinstance(p, list) else [p]
+  p = runs[0]
   d = p.config.data
   examples = sources.load_split(p.task, split, source=d.source, glue_dir=d.glue_dir, tfds_data_dir=d.tfds_data_dir)
-  logits = p.logits(examples)
+  logits = combined_logits(runs, examples, combine)
   names = p.label_names(logits)
   out_dir.mkdir(parents=True, exist_ok=True)
   if split.startswith("test"):
@@ -145,7 +192,10 @@ def predict_texts(p: Predictor, lines: list[str]) -> list[dict]:
 
 def _define_flags() -> None:
   """Flags exist only when this file is the program, so its functions import anywhere."""
-  flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
+  flags.DEFINE_string(
+    "workdir", None, "A training workdir (config.json + checkpoints/); several, comma-separated, with --combine."
+  )
+  flags.DEFINE_enum("combine", None, COMBINE, "Several runs as one: average their logits or their weights.")
   flags.DEFINE_string("step", "best", "best | latest | a step number")
   flags.DEFINE_string("split", None, "Predict a split: dev, test, dev_matched, ...")
   flags.DEFINE_string("out", None, "Where prediction files go (default: WORKDIR/predictions)")
@@ -181,7 +231,16 @@ def main(argv):
   if f.export_mlm:
     print(f"exported to {export_mlm(f.workdir, f.export_mlm, f.step)}", file=sys.stderr)
     return
-  p = Predictor(f.workdir, f.step)
+  runs = load_runs(f.workdir, f.step)
+  if len(runs) > 1:
+    if not f.combine or not f.split or f.text or f.stdin or f.export_hf:
+      raise app.UsageError("several --workdir runs: give --combine (ensemble or soup) and --split, nothing else")
+    for r in runs:
+      print(f"# {r.workdir} step {r.step} ({r.task.name})", file=sys.stderr)
+    out = Path(f.out or runs[0].workdir / f"predictions_{f.combine}")
+    print(json.dumps(predict_split(runs, f.split, out, f.combine) | {"combine": f.combine, "runs": len(runs)}))
+    return
+  p = runs[0]
   print(f"# {p.workdir} step {p.step} ({p.task.name})", file=sys.stderr)
   if f.split:
     print(json.dumps(predict_split(p, f.split, Path(f.out or p.workdir / "predictions"))))

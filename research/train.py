@@ -41,19 +41,16 @@ def teacher_logits(config, train_ex, task) -> np.ndarray:
   ensemble: their logits are averaged, i.e. the normalized geometric mean of their
   probabilities). Each is read at its best checkpoint, or at `workdir@latest` / `workdir@STEP`.
   """
-  from research.predict import Predictor  # predict imports this module
+  from research import predict  # predict imports this module
 
   if not config.teacher:
     raise ValueError("config.loss='distill' needs config.teacher: a training workdir of this codebase")
-  scores = []
-  for spec in [t.strip() for t in config.teacher.split(",") if t.strip()]:
-    workdir, _, step = spec.partition("@")
-    teacher = Predictor(workdir, step or "best")
-    if teacher.task.name != task.name:
-      raise ValueError(f"config.teacher: {workdir!r} was trained on {teacher.task.name}, not {task.name}")
-    log.info("scoring %d train examples with teacher %s (step %d)", len(train_ex), workdir, teacher.step)
-    scores.append(teacher.logits(train_ex))
-  return np.mean(scores, axis=0)
+  teachers = predict.load_runs(config.teacher)
+  if teachers[0].task.name != task.name:
+    raise ValueError(f"config.teacher: {config.teacher!r} was trained on {teachers[0].task.name}, not {task.name}")
+  for t in teachers:
+    log.info("scoring %d train examples with teacher %s (step %d)", len(train_ex), t.workdir, t.step)
+  return predict.combined_logits(teachers, train_ex, "ensemble")
 
 
 class _Preemption:

@@ -162,3 +162,15 @@ def test_lora_run_logs_counts_predicts_merged_and_distills(small_glue, tmp_path)
   )
   want = (p.logits(ex) + predict.Predictor(tmp_path / "student").logits(ex)) / 2
   np.testing.assert_allclose(ens, want, rtol=1e-5, atol=1e-6)
+  # predict --combine: "ensemble" is that average; "soup" is one model with the averaged weights.
+  runs = predict.load_runs(f"{tmp_path / 'lora'}@latest,{tmp_path / 'student'}")
+  assert [r.step for r in runs] == [8, predict.Predictor(tmp_path / "student").step]
+  np.testing.assert_allclose(predict.combined_logits(runs, ex, "ensemble"), want, rtol=1e-5, atol=1e-6)
+  avg = jax.tree.map(lambda a, b: (a + b) / 2, runs[0].params, runs[1].params)
+  soup = predict.combined_logits(runs, ex, "soup")
+  np.testing.assert_allclose(soup, runs[0].logits(ex, params=avg), rtol=1e-5, atol=1e-6)
+  same = predict.load_runs(f"{tmp_path / 'lora'}@latest,{tmp_path / 'lora'}@latest")
+  np.testing.assert_allclose(predict.combined_logits(same, ex, "soup"), p.logits(ex), rtol=1e-5, atol=1e-6)
+  runs[1].pooling = "mean"
+  with pytest.raises(ValueError, match="one architecture and head"):
+    predict.combined_logits(runs, ex, "soup")
