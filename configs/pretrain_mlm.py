@@ -13,6 +13,14 @@ masking); the loss and MLM accuracy count masked positions only; perplexity = ex
 Sequences are packed from the token stream with [SEP] between documents (no padding).
 The default corpus is WikiText-2 raw: `valid` to train and `test` to evaluate (its train split
 is not in the offline data). Sizes: tiny (2x64), small (4x256), base (12x768).
+
+Continued pretraining of a pretrained BERT (Gururangan et al. 2020, task-adaptive: the task's
+own unlabeled text), then fine-tuning from the export:
+
+    cut -f1 ../shared/data/glue/sst2/train.tsv | tail -n +2 > runs/sst2_train.txt
+    python -m research.main --config configs/pretrain_mlm.py --config.model.init_from=minilm \
+        --config.data.train_files=runs/sst2_train.txt --config.data.val_fraction=0.02 \
+        --config.data.val_files= --config.optimizer.lr=1e-4 --workdir runs/tapt-sst2
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     dict(
       name=a.model,
       arch="bert_mlm",
+      # Continued (domain/task-adaptive) pretraining: an HF BERT folder, preset or hub id; its own
+      # architecture is used (the sizes below are ignored) and a missing MLM head starts fresh.
       init_from="",
       dtype="float32",
       vocab_size=0,

@@ -5,6 +5,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -223,6 +224,28 @@ def test_mlm_run_exports_and_fine_tunes(tmp_path, small_glue):
   assert (out / "tokenizer.json").exists()
   ft = tiny_config(small_glue, **{"model.init_from": str(out), "model.tokenizer": ""})
   assert train.train_and_evaluate(ft, tmp_path / "ft")["step"] == 8
+  # Continued masked-LM pretraining (model.init_from): a BertForMaskedLM folder loads whole; a
+  # folder without an MLM head (here the fine-tuned classifier, exported) loads its encoder, and
+  # the head starts fresh.
+  from research.models import build, convert
+
+  p = predict.Predictor(tmp_path / "ft", step="latest")
+  cls_hf = convert.save_hf_folder(tmp_path / "ft_hf", p.params, p.bert_cfg, num_labels=2, tokenizer=p.tokenizer)
+  _, exported = convert.load_hf_mlm_folder(str(out))
+  for folder, head in ((out, True), (cls_hf, False)):
+    mc = ml_collections.ConfigDict(c.model.to_dict() | {"init_from": str(folder)})
+    _, params, arch = build.build_model(mc, 2, p.bert_cfg.vocab_size, jax.random.PRNGKey(3))
+    assert arch["arch"] == "bert_mlm" and arch["vocab_size"] == p.bert_cfg.vocab_size
+    want_embed = (exported if head else p.params)["bert"]["token_embed"]["embedding"]
+    np.testing.assert_array_equal(params["bert"]["token_embed"]["embedding"], want_embed)
+    if head:
+      np.testing.assert_array_equal(params["mlm_dense"]["kernel"], exported["mlm_dense"]["kernel"])
+    else:
+      assert not np.asarray(params["mlm_bias"]).any() and np.asarray(params["mlm_norm"]["scale"]).all()
+  cont = pretrain_mlm_config(corpus)
+  cont.unlock()
+  cont.model.init_from = str(cls_hf)
+  assert np.isfinite(train.train_and_evaluate(cont, tmp_path / "continued")["final"]["loss"])
 
 
 def pretrain_mlm_config(corpus):

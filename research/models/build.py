@@ -5,17 +5,22 @@ checkpoints with the model they belong to."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from research import parallel
 from research.models import convert
 from research.models.bert import FUSED_ATTENTION, BertClassifier, BertConfig, BertForMaskedLM
 from research.models.bow import BagOfEmbeddings
 from research.models.gpt import GPT, GPTConfig
+
+log = logging.getLogger(__name__)
 
 
 def _scratch_bert(mc: ml_collections.ConfigDict, vocab_size: int) -> BertConfig:
@@ -41,6 +46,17 @@ def check_attention(cfg: BertConfig) -> None:
       f"dropout, and this model's attention_probs_dropout_prob is {cfg.attention_probs_dropout_prob}; "
       "set --config.model.attention_probs_dropout_prob=0 (or use attention=einsum)"
     )
+
+
+def _merge_loaded(params: dict, loaded: dict, source: str) -> dict:
+  """`params` with every leaf that `loaded` has (same path and shape) replaced by it."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  for k, v in flax.traverse_util.flatten_dict(loaded).items():
+    if k not in flat or flat[k].shape != v.shape:
+      want = flat[k].shape if k in flat else "no such parameter"
+      raise ValueError(f"{source}: {'/'.join(k)} {v.shape} does not fit this model ({want})")
+    flat[k] = np.asarray(v, flat[k].dtype)
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int, rng: jax.Array, ft=None, mesh=None):
@@ -69,11 +85,22 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
     )
     model = GPT(cfg, dtype=jnp.dtype(mc.dtype))
     return model, init(lambda r: model.init(r, ids)), {"arch": "gpt", **cfg.to_dict()}
-  if mc.arch == "bert_mlm":  # masked-LM pretraining from scratch
-    cfg = _scratch_bert(mc, vocab_size)
+  if mc.arch == "bert_mlm":  # masked-LM pretraining: from scratch, or continued from `init_from`
+    if mc.get("init_from"):
+      cfg, loaded, has_head = convert.load_hf_for_mlm(mc.init_from)
+      overrides = {k: mc[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if mc.get(k, -1.0) >= 0}
+      cfg = BertConfig(**(cfg.to_dict() | overrides | {"remat": mc.get("remat", False)}))
+      if cfg.vocab_size < vocab_size:
+        raise ValueError(f"tokenizer has {vocab_size} tokens but {mc.init_from}'s vocab_size is {cfg.vocab_size}")
+    else:
+      cfg = _scratch_bert(mc, vocab_size)
     check_attention(cfg)
     model = BertForMaskedLM(cfg, dtype=jnp.dtype(mc.dtype))
-    return model, init(lambda r: model.init(r, ids, ids, ids, train=False)), {"arch": "bert_mlm", **cfg.to_dict()}
+    params = init(lambda r: model.init(r, ids, ids, ids, train=False))
+    if mc.get("init_from"):
+      params = _merge_loaded(params, loaded, mc.init_from)
+      log.info("%s: encoder loaded; masked-LM head %s", mc.init_from, "loaded" if has_head else "initialized fresh")
+    return model, params, {"arch": "bert_mlm", **cfg.to_dict()}
   if mc.arch == "bow":
     if mc.init_from:
       raise ValueError("config.model.arch='bow' is trained from scratch; set config.model.init_from=''")

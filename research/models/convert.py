@@ -323,6 +323,25 @@ def load_hf_mlm_folder(name_or_path: str) -> tuple[BertConfig, dict]:
   return cfg, flax.traverse_util.unflatten_dict(flat)
 
 
+def load_hf_for_mlm(name_or_path: str) -> tuple[BertConfig, dict, bool]:
+  """Any HF BERT folder -> (config, loaded params of our BertForMaskedLM, whether it had an MLM head),
+  for continued (domain- or task-adaptive) masked-LM pretraining. A `BertForMaskedLM` folder loads
+  whole; a `BertModel` folder (all-MiniLM-L6-v2 ships without an MLM head) loads its encoder, and
+  the caller keeps a freshly initialized head. A partial head is an error naming what is missing."""
+  folder = resolve_pretrained(name_or_path)
+  cfg = read_config(folder)
+  tensors = _read_tensors(folder)
+  present = [hf for hf, _, _ in MLM_HEAD if hf in tensors]
+  if present and len(present) < len(MLM_HEAD):
+    missing = [hf for hf, _, _ in MLM_HEAD if hf not in tensors]
+    raise WeightsError(f"{folder}: a partial masked-LM head; missing {', '.join(missing)}")
+  encoder, _, _ = hf_to_params(tensors, cfg, source=str(folder))
+  flat = {("bert", *k): v for k, v in flax.traverse_util.flatten_dict(encoder).items()}
+  for hf, ours, fn in MLM_HEAD if present else ():
+    flat[ours] = fn(np.asarray(tensors[hf], np.float32))
+  return cfg, flax.traverse_util.unflatten_dict(flat), bool(present)
+
+
 def save_hf_mlm_folder(out_dir: str | Path, params: dict, cfg: BertConfig, tokenizer=None) -> Path:
   """Write config.json + model.safetensors (+ tokenizer) loadable by HF `BertForMaskedLM`."""
   from safetensors.numpy import save_file
