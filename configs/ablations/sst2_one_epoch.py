@@ -12,6 +12,14 @@ warmup then linear decay to 0 over one epoch, sequence packing (4 rows x 128 tok
 - `cls-frozen-emb`: `cls` with the embedding block frozen (`finetune.strategy=top_k`, all six
   layers): the 11.9M-parameter embedding table gets no gradient scatter and no AdamW update,
   ~14% more steps per second on this CPU. Does accuracy hold?
+- `mean-tapt`: `mean` from all-MiniLM-L6-v2 after task-adaptive masked-LM pretraining on the
+  SST-2 train sentences (Gururangan et al. 2020; 400 steps, the MLM head trained from scratch
+  since the checkpoint has none). Run the pretraining first (commands in configs/pretrain_mlm.py):
+      python -m research.main --config configs/pretrain_mlm.py --config.model.init_from=minilm \
+        --config.data.train_files=runs/sst2_train.txt --config.data.val_fraction=0.02 \
+        --config.data.val_files= --config.optimizer.lr=1e-4 --config.num_train_steps=400 \
+        --config.rng_impl=rbg --workdir runs/tapt-sst2
+      python -m research.predict --workdir runs/tapt-sst2 --export_mlm runs/tapt-sst2/hf
 """
 
 from __future__ import annotations
@@ -35,4 +43,5 @@ def sweep() -> list[dict]:
     {"_name": "cls"},
     {"_name": "mean", "model.pooling": "mean"},
     {"_name": "cls-frozen-emb", "finetune.strategy": "top_k", "finetune.top_k": 6},
+    {"_name": "mean-tapt", "model.pooling": "mean", "model.init_from": "runs/tapt-sst2/hf"},
   ]
