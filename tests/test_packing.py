@@ -159,10 +159,8 @@ def test_packed_run_trains_and_reports_packing(small_glue, tmp_path, caplog):
     train.train_and_evaluate(tiny_config(small_glue, **{"data.pack_rows": 6}), tmp_path / "bad")
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_fused_attention_matches_einsum(packed):
-  """config.model.attention=xla (jax.nn.dot_product_attention) computes what the written-out
-  softmax does, with padding and with packed rows' block-diagonal mask, forward and backward."""
+def _model_inputs(packed: bool):
+  """A batch of 12 padded examples, or the same packed into 3 rows of 24: (batch, model args)."""
   enc = _encoded(n=12, max_len=10)
   if packed:
     plan = pipeline.pack_plan(enc.lengths, 3, 24, 4, seed=0, epoch=0)[0]
@@ -170,7 +168,14 @@ def test_fused_attention_matches_einsum(packed):
     extra = (b["positions"], 4)
   else:
     b, extra = pipeline.collate(enc, np.arange(12), 12, [16]), ()
-  inputs = (*(b[k] for k in steps.MODEL_INPUTS[:3]), *extra)
+  return b, (*(b[k] for k in steps.MODEL_INPUTS[:3]), *extra)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_attention_matches_einsum(packed):
+  """config.model.attention=xla (jax.nn.dot_product_attention) computes what the written-out
+  softmax does, with padding and with packed rows' block-diagonal mask, forward and backward."""
+  b, inputs = _model_inputs(packed)
   out = {}
   for attention in ("einsum", "xla"):
     cfg = BertConfig(**(CFG_NO_DROPOUT.to_dict() | {"attention": attention}))
@@ -199,14 +204,7 @@ def test_fused_attention_needs_no_attention_dropout():
 def test_cls_only_last_layer_matches_every_token(packed, attention, remat):
   """pooling=cls runs the last layer for the [CLS] queries alone: the same logits and the
   same gradient as computing every token (with padding, and packed rows' per-example [CLS])."""
-  enc = _encoded(n=12, max_len=10)
-  if packed:
-    plan = pipeline.pack_plan(enc.lengths, 3, 24, 4, seed=0, epoch=0)[0]
-    b = pipeline.collate_packed(enc, plan, 3, 24, 4)
-    extra = (b["positions"], 4)
-  else:
-    b, extra = pipeline.collate(enc, np.arange(12), 12, [16]), ()
-  inputs = (*(b[k] for k in steps.MODEL_INPUTS[:3]), *extra)
+  b, inputs = _model_inputs(packed)
   cfg = BertConfig(**(CFG_NO_DROPOUT.to_dict() | {"attention": attention, "remat": remat}))
   out = {}
   for cls_only in (False, True):
