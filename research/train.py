@@ -143,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   param_counts = {"trainable_params": finetune.count(trainable), "total_params": finetune.count(params)}
   log.info(
     "model %s, fine-tuning %s: %s of %s parameters trained (%.2f%%)",
-    config.model.name,
+    config.model.get("init_from") or config.model.name,  # a loaded checkpoint's own architecture wins
     ft.strategy,
     f"{param_counts['trainable_params']:,}",
     f"{param_counts['total_params']:,}",
