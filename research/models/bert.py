@@ -224,14 +224,14 @@ class BertEncoder(nn.Module):
 
     # Each example's [CLS] (its first token): BxH, or packed BxSxH.
     if packed:
-      first_BxSxL = segment_onehot(seg_BxL, num_segments) & (positions_BxL[:, None, :] == 0)
+      onehot_BxSxL = segment_onehot(seg_BxL, num_segments)
+      first_BxSxL = onehot_BxSxL & (positions_BxL[:, None, :] == 0)
       cls = jnp.einsum("bsl,blh->bsh", first_BxSxL.astype(x_BxLxH.dtype), x_BxLxH)
     else:
       cls = x_BxLxH[:, :1]
     if cls_only:  # the last layer at the [CLS] positions alone, attending over every token
       if packed:  # query s attends to its own example's tokens
-        keep_Bx1xSxL = segment_onehot(seg_BxL, num_segments)[:, None]
-        bias = jnp.where(keep_Bx1xSxL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        bias = jnp.where(onehot_BxSxL[:, None], 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
       cls = layer(cfg, self.dtype, name=f"layer_{last}")(x_BxLxH, bias, train, cls)
       x_BxLxH = cls
     cls = cls if packed else cls[:, 0]

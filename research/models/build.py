@@ -8,11 +8,9 @@ import json
 import logging
 from pathlib import Path
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from research import parallel
 from research.models import convert
@@ -23,18 +21,25 @@ from research.models.gpt import GPT, GPTConfig
 log = logging.getLogger(__name__)
 
 
-def _scratch_bert(mc: ml_collections.ConfigDict, vocab_size: int) -> BertConfig:
-  return BertConfig(
-    vocab_size=mc.vocab_size or vocab_size,
-    hidden_size=mc.hidden_size,
-    num_hidden_layers=mc.num_hidden_layers,
-    num_attention_heads=mc.num_attention_heads,
-    intermediate_size=mc.intermediate_size,
-    max_position_embeddings=mc.max_position_embeddings,
-    remat=mc.get("remat", False),
-    attention=mc.get("attention", "einsum"),
-    **{k: mc[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if mc.get(k, -1.0) >= 0},
-  )
+def _bert_config(mc: ml_collections.ConfigDict, vocab_size: int, base: BertConfig | None = None, **extra) -> BertConfig:
+  """The run's BERT: `base` (a loaded checkpoint's architecture) or the config's sizes, with the
+  run-time fields the config sets (dropout when >= 0, remat, attention kernel) and `extra`; checked."""
+  if base is None:
+    base = BertConfig(
+      vocab_size=mc.vocab_size or vocab_size,
+      hidden_size=mc.hidden_size,
+      num_hidden_layers=mc.num_hidden_layers,
+      num_attention_heads=mc.num_attention_heads,
+      intermediate_size=mc.intermediate_size,
+      max_position_embeddings=mc.max_position_embeddings,
+    )
+  overrides = {k: mc[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if mc.get(k, -1.0) >= 0}
+  overrides |= {"remat": mc.get("remat", False), "attention": mc.get("attention", "einsum")} | extra
+  cfg = BertConfig(**(base.to_dict() | overrides))
+  check_attention(cfg)
+  if cfg.vocab_size < vocab_size:
+    raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
+  return cfg
 
 
 def check_attention(cfg: BertConfig) -> None:
@@ -46,17 +51,6 @@ def check_attention(cfg: BertConfig) -> None:
       f"dropout, and this model's attention_probs_dropout_prob is {cfg.attention_probs_dropout_prob}; "
       "set --config.model.attention_probs_dropout_prob=0 (or use attention=einsum)"
     )
-
-
-def _merge_loaded(params: dict, loaded: dict, source: str) -> dict:
-  """`params` with every leaf that `loaded` has (same path and shape) replaced by it."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-  for k, v in flax.traverse_util.flatten_dict(loaded).items():
-    if k not in flat or flat[k].shape != v.shape:
-      want = flat[k].shape if k in flat else "no such parameter"
-      raise ValueError(f"{source}: {'/'.join(k)} {v.shape} does not fit this model ({want})")
-    flat[k] = np.asarray(v, flat[k].dtype)
-  return flax.traverse_util.unflatten_dict(flat)
 
 
 def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int, rng: jax.Array, ft=None, mesh=None):
@@ -86,20 +80,13 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
     model = GPT(cfg, dtype=jnp.dtype(mc.dtype))
     return model, init(lambda r: model.init(r, ids)), {"arch": "gpt", **cfg.to_dict()}
   if mc.arch == "bert_mlm":  # masked-LM pretraining: from scratch, or continued from `init_from`
-    if mc.get("init_from"):
-      cfg, loaded, has_head = convert.load_hf_for_mlm(mc.init_from)
-      overrides = {k: mc[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if mc.get(k, -1.0) >= 0}
-      cfg = BertConfig(**(cfg.to_dict() | overrides | {"remat": mc.get("remat", False)}))
-      if cfg.vocab_size < vocab_size:
-        raise ValueError(f"tokenizer has {vocab_size} tokens but {mc.init_from}'s vocab_size is {cfg.vocab_size}")
-    else:
-      cfg = _scratch_bert(mc, vocab_size)
-    check_attention(cfg)
+    loaded = convert.load_hf_for_mlm(mc.init_from) if mc.get("init_from") else None
+    cfg = _bert_config(mc, vocab_size, loaded[0] if loaded else None)
     model = BertForMaskedLM(cfg, dtype=jnp.dtype(mc.dtype))
     params = init(lambda r: model.init(r, ids, ids, ids, train=False))
-    if mc.get("init_from"):
-      params = _merge_loaded(params, loaded, mc.init_from)
-      log.info("%s: encoder loaded; masked-LM head %s", mc.init_from, "loaded" if has_head else "initialized fresh")
+    if loaded:
+      params = convert.merge_loaded(params, loaded[1], mc.init_from)
+      log.info("%s: encoder loaded; masked-LM head %s", mc.init_from, "loaded" if loaded[2] else "initialized fresh")
     return model, params, {"arch": "bert_mlm", **cfg.to_dict()}
   if mc.arch == "bow":
     if mc.init_from:
@@ -107,19 +94,11 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
     cfg = {"arch": "bow", "vocab_size": mc.vocab_size or vocab_size, "hidden_size": mc.hidden_size}
     model = BagOfEmbeddings(cfg["vocab_size"], cfg["hidden_size"], num_labels, dtype=jnp.dtype(mc.dtype))
     return model, init(lambda r: model.init(r, ids, ids, ids)), cfg
-  if mc.init_from:
-    cfg, encoder, heads, _ = convert.load_hf_folder(mc.init_from)
-  else:
-    cfg = _scratch_bert(mc, vocab_size)
-  overrides = {k: mc[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if mc[k] >= 0}
-  overrides["remat"] = mc.get("remat", False)
-  overrides["attention"] = mc.get("attention", "einsum")
+  base, encoder, heads, _ = convert.load_hf_folder(mc.init_from) if mc.init_from else (None, None, None, None)
+  lora = {}
   if ft is not None and ft.strategy == "lora":
-    overrides |= {"lora_rank": ft.lora_rank, "lora_alpha": ft.lora_alpha, "lora_targets": tuple(ft.lora_targets)}
-  cfg = BertConfig(**(cfg.to_dict() | overrides))
-  check_attention(cfg)
-  if cfg.vocab_size < vocab_size:
-    raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
+    lora = {"lora_rank": ft.lora_rank, "lora_alpha": ft.lora_alpha, "lora_targets": tuple(ft.lora_targets)}
+  cfg = _bert_config(mc, vocab_size, base, **lora)
   model = BertClassifier(
     cfg,
     num_labels,

@@ -217,17 +217,22 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: BertConfig, source: str = 
   return flax.traverse_util.unflatten_dict(flat), heads, ignored
 
 
-def merge_pretrained(params: dict, encoder: dict, heads: dict, num_labels: int) -> dict:
-  """Put loaded encoder weights (and a matching classifier head, if any) into `params`.
+def merge_loaded(params: dict, loaded: dict, source: str = "weights") -> dict:
+  """`params` with every leaf that `loaded` has replaced by it; a loaded leaf with no place in
+  `params` (path or shape) is an error naming it. Loaded leaves stay host (numpy) arrays, so
+  placing the result sends each straight to its shards."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  for k, v in flax.traverse_util.flatten_dict(loaded).items():
+    if k not in flat or flat[k].shape != np.shape(v):
+      want = flat[k].shape if k in flat else "no such parameter"
+      raise WeightsError(f"{source}: {'/'.join(k)} {np.shape(v)} does not fit this model ({want})")
+    flat[k] = np.asarray(v, flat[k].dtype)
+  return flax.traverse_util.unflatten_dict(flat)
 
-  Loaded leaves stay host (numpy) arrays, so placing the result sends each straight to its shards."""
-  params = flax.core.unfreeze(params)
-  fresh = flax.traverse_util.flatten_dict(params["bert"])
-  loaded = flax.traverse_util.flatten_dict(encoder)
-  for k in fresh:
-    if k in loaded:
-      fresh[k] = np.asarray(loaded[k], fresh[k].dtype)
-  params["bert"] = flax.traverse_util.unflatten_dict(fresh)
+
+def merge_pretrained(params: dict, encoder: dict, heads: dict, num_labels: int) -> dict:
+  """Put loaded encoder weights (and a matching classifier head, if any) into `params`."""
+  params = merge_loaded(params, {"bert": encoder})
   w = heads.get("classifier.weight")
   if w is not None and "classifier" in params and w.shape == (num_labels, params["classifier"]["kernel"].shape[0]):
     params["classifier"] = {"kernel": np.asarray(w.T), "bias": np.asarray(heads["classifier.bias"])}
