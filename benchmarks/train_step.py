@@ -4,11 +4,16 @@
     .venv/bin/python benchmarks/train_step.py --remat --skip-torch   # + a row with remat on
     .venv/bin/python benchmarks/train_step.py --fused xla --skip-torch   # + einsum vs fused attention
     .venv/bin/python benchmarks/train_step.py --every-token        # + our last layer over every token
+    .venv/bin/python benchmarks/train_step.py --hf-flax            # + Hugging Face's Flax BERT, jitted
 
 Both sides train BertForSequenceClassification-shaped models (2 labels) with AdamW, fp32,
 dropout on, on the same batch/sequence shape; each runs in its own subprocess so peak RSS
 is its own. The PyTorch reference runs from a side venv (Python 3.11 + torch 2.13 CPU),
 created on first use under ~/.cache/research/torchref unless --torch-python is given.
+`--hf-flax` adds Hugging Face's `FlaxBertForSequenceClassification` (transformers 4.57.6, the
+last release with Flax models) trained by a jitted step as in its `run_flax_glue.py`, on the same
+jax/jaxlib/flax/optax versions as ours, from a side venv (~/.cache/research/hfflax, or
+--hf-flax-python): the same compiler, so that column compares model and step code alone.
 
 FLOPs per train step (the formula PERF_NOTES uses; XLA's cost analysis agrees within 3%):
     6 * N * T + 12 * L * s^2 * h * B,   N = L * (4h^2 + 2hI) non-embedding matrix params,
@@ -177,6 +182,55 @@ def worker_torch(shape: str, batch: int, seq: int, warmup: int, steps: int) -> d
   }
 
 
+def worker_hf_flax(shape: str, batch: int, seq: int, warmup: int, steps: int) -> dict:
+  """Hugging Face's Flax BERT (transformers 4.x, the last with Flax classes) under jax.jit, as
+  its `run_flax_glue.py` trains it: `model.__call__` with `dropout_rng`, optax AdamW (plus
+  clipping at 1.0, as the PyTorch side), donated state, on the same jax/XLA as ours."""
+  import functools
+
+  import jax
+  import numpy as np
+  import optax
+  import transformers
+
+  L, h, heads, inter = SHAPES[shape]
+  cfg = transformers.BertConfig(
+    num_hidden_layers=L, hidden_size=h, num_attention_heads=heads, intermediate_size=inter, num_labels=2
+  )
+  model = transformers.FlaxBertForSequenceClassification(cfg, seed=0)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(5e-5, weight_decay=0.01))
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1000, 30000, (batch, seq)).astype(np.int32)
+  mask = np.ones((batch, seq), np.int32)
+  labels = rng.integers(0, 2, (batch,)).astype(np.int32)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def train_step(state, dropout_rng):
+    params, opt_state = state
+
+    def loss_fn(p):
+      logits = model(ids, mask, params=p, dropout_rng=dropout_rng, train=True).logits
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  state = [(model.params, tx.init(model.params))]
+  keys = iter(jax.random.split(jax.random.key(0), warmup + steps))
+
+  def step():
+    state[0], loss = train_step(state[0], next(keys))
+    loss.block_until_ready()
+
+  times = _time(step, warmup, steps)
+  return {
+    "framework": f"transformers {transformers.__version__} Flax (jax {jax.__version__}, jitted)",
+    "times": times,
+    "rss_gb": _peak_rss_gb(),
+  }
+
+
 def matmul_peak(n: int = 4096, reps: int = 5) -> float:
   import numpy as np
 
@@ -215,6 +269,23 @@ def ensure_torch_python(path: str | None) -> str:
       ],
       check=True,
     )
+  return str(py)
+
+
+def ensure_hf_flax_python(path: str | None) -> str:
+  """A Python 3.12 venv with our jax/flax/optax versions and transformers 4.57 (the last
+  release with Flax models), so that HF's Flax BERT runs on the same JAX as ours."""
+  if path:
+    return path
+  from importlib.metadata import version
+
+  venv = Path.home() / ".cache" / "research" / "hfflax"
+  py = venv / "bin" / "python"
+  if not py.exists():
+    print(f"creating the HF Flax reference venv at {venv} (transformers 4.57.6)", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pins = [f"{p}=={version(p)}" for p in ("jax", "jaxlib", "flax", "optax")]
+    subprocess.run([str(py), "-m", "pip", "install", "-q", *pins, "transformers==4.57.6"], check=True)
   return str(py)
 
 
@@ -270,6 +341,10 @@ def main() -> None:
   p.add_argument("--rng-impl", default="threefry2x32", help="our dropout bits: threefry2x32 | rbg")
   p.add_argument("--torch-python", default=None, help="python with torch + transformers (else a venv is made)")
   p.add_argument("--skip-torch", action="store_true")
+  p.add_argument(
+    "--hf-flax", action="store_true", help="also time Hugging Face's Flax BERT (transformers 4.57) on our JAX"
+  )
+  p.add_argument("--hf-flax-python", default=None, help="python with jax + transformers 4.57 (else a venv is made)")
   p.add_argument("--remat", action="store_true", help="also time our step with layer rematerialization")
   p.add_argument(
     "--fused",
@@ -281,7 +356,7 @@ def main() -> None:
     "--every-token", action="store_true", help="also time our step with the last layer over every token (as HF)"
   )
   p.add_argument("--attention", default="", help=argparse.SUPPRESS)
-  p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+  p.add_argument("--worker", choices=["jax", "torch", "hf_flax"], help=argparse.SUPPRESS)
   args = p.parse_args()
 
   if args.worker:
@@ -299,6 +374,8 @@ def main() -> None:
         args.attention,
         args.every_token,
       )
+    elif args.worker == "hf_flax":
+      r = worker_hf_flax(shape, args.batch, args.seq, args.warmup, args.steps)
     else:
       r = worker_torch(shape, args.batch, args.seq, args.warmup, args.steps)
     print(json.dumps(r))
@@ -306,6 +383,7 @@ def main() -> None:
 
   peak = matmul_peak()
   torch_py = None if args.skip_torch else ensure_torch_python(args.torch_python)
+  flax_py = ensure_hf_flax_python(args.hf_flax_python) if args.hf_flax or args.hf_flax_python else None
   print(
     f"fp32 matmul peak (numpy, n=4096): {peak:.0f} GFLOP/s; batch {args.batch}, seq {args.seq}; "
     f"median of {args.steps} steps after {args.warmup} warm-ups"
@@ -315,7 +393,8 @@ def main() -> None:
   header = (
     f"| shape | framework | s/step | ex/s | GFLOP/s | % of peak | peak RSS GB | XLA temp GB | speed vs {reference} |"
   )
-  print(header + "\n|" + "---|" * 9)
+  header += " speed vs HF Flax |" if flax_py else ""
+  print(header + "\n|" + "---|" * (10 if flax_py else 9))
   for shape in args.shapes:
     flops = flops_per_step(shape, args.batch, args.seq)
     results = [run_worker(sys.executable, "jax", args, shape, args.dtype)]
@@ -326,6 +405,7 @@ def main() -> None:
     if args.fused:
       for attention in ("einsum", args.fused):
         results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, attention=attention))
+    flax_row = run_worker(flax_py, "hf_flax", args, shape) if flax_py else None
     if torch_py:
       results.append(run_worker(torch_py, "torch", args, shape))
     if torch_py or reference == "einsum":
@@ -333,13 +413,15 @@ def main() -> None:
     else:
       ref_row = results[1] if reference == "every token" else results[0]
     ref = statistics.median(ref_row["times"]) if reference else None
-    for r in results:
+    flax_ref = statistics.median(flax_row["times"]) if flax_row else None
+    for r in results + ([flax_row] if flax_row else []):
       med = statistics.median(r["times"])
       ratio = f"{ref / med:.2f}x" if ref else "-"
       temp = f"{r['temp_gb']:.2f}" if "temp_gb" in r else "-"
       print(
         f"| {shape} | {r['framework']} | {med:.3f} | {args.batch / med:.2f} | {flops / med / 1e9:.0f} | "
         f"{100 * flops / med / 1e9 / peak:.0f}% | {r['rss_gb']:.1f} | {temp} | {ratio} |"
+        + (f" {flax_ref / med:.2f}x |" if flax_ref else "")
       )
     for r in results:
       if r.get("xla_flops"):

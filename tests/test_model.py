@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from research.models import convert
+from research.models import convert, dropout
 from research.models.bert import BertClassifier, BertConfig, BertEncoder, mean_pool
 
 GOLDEN = "tests/fixtures/minilm_golden.npz"  # made by tests/fixtures/make_bert_golden.py
@@ -177,6 +177,29 @@ def test_dropout_is_driven_by_the_rng():
   np.testing.assert_array_equal(run(1), run(1))
   assert not np.allclose(run(1), run(2))
   np.testing.assert_array_equal(run(1, train=False), run(2, train=False))
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+@pytest.mark.parametrize("shape", [(64, 12, 128), (4001, 7)])  # even and odd last axis
+def test_dropout_drops_at_the_rate_and_is_unbiased(impl, shape):
+  x = jnp.ones(shape)
+  key = jax.random.key(3, impl=impl)
+  y = np.asarray(dropout.dropout(x, 0.1, key))
+  kept = y != 0
+  n = kept.size
+  # 16-bit draws: the rate is round(0.1 * 2^16) / 2^16; within 5 binomial std of it.
+  rate = round(0.1 * 65536) / 65536
+  assert abs((1 - kept.mean()) - rate) < 5 * np.sqrt(rate * (1 - rate) / n)
+  np.testing.assert_allclose(y[kept], 65536 / (65536 - 6554), rtol=1e-6)  # kept ones scaled by 1 / keep prob
+  assert abs(y.mean() - 1.0) < 5 * np.sqrt(rate / (1 - rate) / n)  # unbiased
+  # Both halves of each 32-bit word are used: no two positions share a decision pattern.
+  assert 0.05 < (1 - kept[..., : shape[-1] // 2].mean()) < 0.15
+  assert 0.05 < (1 - kept[..., shape[-1] // 2 :].mean()) < 0.15
+  assert not np.array_equal(kept[..., : shape[-1] // 2], kept[..., shape[-1] // 2 : 2 * (shape[-1] // 2)])
+  np.testing.assert_array_equal(dropout.dropout(x, 0.1, key), y)  # a function of the key
+  assert not np.array_equal(dropout.dropout(x, 0.1, jax.random.key(4, impl=impl)), y)
+  np.testing.assert_array_equal(dropout.dropout(x, 0.0, key), x)
+  np.testing.assert_array_equal(dropout.dropout(x, 1.0, key), 0 * x)
 
 
 def test_export_loads_in_pytorch_with_same_logits(tmp_path):

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.models.dropout import Dropout
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -140,7 +142,7 @@ class SelfAttention(nn.Module):
     scores_BxNxQxL = jnp.einsum("bqnd,bknd->bnqk", q_BxQxNxD, k_BxLxNxD) / jnp.sqrt(d).astype(self.dtype)
     # Softmax in fp32: the masked bias is finfo.min, and exp() of bf16 scores is coarse.
     probs_BxNxQxL = jax.nn.softmax(scores_BxNxQxL.astype(jnp.float32) + bias_Bx1xQxL, axis=-1)
-    probs_BxNxQxL = nn.Dropout(cfg.attention_probs_dropout_prob)(probs_BxNxQxL, deterministic=not train)
+    probs_BxNxQxL = Dropout(cfg.attention_probs_dropout_prob)(probs_BxNxQxL, deterministic=not train)
     ctx_BxQxNxD = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxQxL.astype(self.dtype), v_BxLxNxD)
     return _dense(cfg.hidden_size, cfg, self.dtype, "out")(ctx_BxQxNxD.reshape(b, nq, n * d))
 
@@ -155,7 +157,7 @@ class Layer(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxH, bias_Bx1xQxL, train: bool, queries_BxQxH=None):
     cfg = self.cfg
-    drop = nn.Dropout(cfg.hidden_dropout_prob)
+    drop = Dropout(cfg.hidden_dropout_prob)
     attn = SelfAttention(cfg, self.dtype, name="attn")(x_BxLxH, bias_Bx1xQxL, train=train, queries_BxQxH=queries_BxQxH)
     residual = x_BxLxH if queries_BxQxH is None else queries_BxQxH
     x = _layer_norm(cfg, "attn_norm")(residual + drop(attn, deterministic=not train))
@@ -207,7 +209,7 @@ class BertEncoder(nn.Module):
       + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, name="type_embed")(token_type_ids_BxL)
     )
     x_BxLxH = _layer_norm(cfg, "embed_norm")(x_BxLxH)
-    x_BxLxH = nn.Dropout(cfg.hidden_dropout_prob)(x_BxLxH, deterministic=not train).astype(self.dtype)
+    x_BxLxH = Dropout(cfg.hidden_dropout_prob)(x_BxLxH, deterministic=not train).astype(self.dtype)
 
     # Additive mask: 0 where attended, the most negative float where padded (or, packed,
     # where query and key belong to different examples).
@@ -273,7 +275,7 @@ class BertClassifier(nn.Module):
         pooled = (sums_BxSxH / jnp.maximum(onehot_BxSxL.sum(-1, keepdims=True), 1e-9)).astype(self.dtype)
     elif self.pooling != "cls":
       raise ValueError(f"pooling={self.pooling!r}: expected 'cls' or 'mean'")
-    pooled = nn.Dropout(self.cfg.hidden_dropout_prob)(pooled, deterministic=not train)
+    pooled = Dropout(self.cfg.hidden_dropout_prob)(pooled, deterministic=not train)
     logits = _dense(self.num_labels, self.cfg, self.dtype, "classifier")(pooled).astype(jnp.float32)
     return logits.reshape(-1, self.num_labels)  # BxC, or (B*S)xC packed
 

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from research.models.bert import mean_pool
+from research.models.dropout import Dropout
 
 
 class BagOfEmbeddings(nn.Module):
@@ -26,5 +27,5 @@ class BagOfEmbeddings(nn.Module):
     del token_type_ids_BxL  # a bag has no notion of which sentence a word came from
     x_BxLxH = nn.Embed(self.vocab_size, self.hidden_size, name="token_embed")(input_ids_BxL)
     pooled_BxH = mean_pool(x_BxLxH, attention_mask_BxL)
-    pooled_BxH = nn.Dropout(self.dropout)(pooled_BxH, deterministic=not train)
+    pooled_BxH = Dropout(self.dropout)(pooled_BxH, deterministic=not train)
     return nn.Dense(self.num_labels, dtype=self.dtype, name="classifier")(pooled_BxH).astype(jnp.float32)
