@@ -121,7 +121,13 @@ def worker_jax(
   state = parallel.replicate(steps_lib.create_state(params, tx, rng), mesh)
   fn = parallel.compile_train_step(
     functools.partial(
-      steps_lib.train_step, model=model, loss_fn=losses.softmax_xent, tx=tx, schedule=schedule, rng_impl=rng_impl
+      steps_lib.train_step,
+      model=model,
+      loss_fn=losses.softmax_xent,
+      tx=tx,
+      schedule=schedule,
+      rng_impl=rng_impl,
+      norms_every=glue.get_config().log_every_steps,  # as the trainer: param/update norms on logging steps
     ),
     mesh,
   )
