@@ -253,46 +253,29 @@ def matmul_peak(n: int = 4096, reps: int = 5) -> float:
 # --- orchestration ---------------------------------------------------------------------------
 
 
-def ensure_torch_python(path: str | None) -> str:
-  if path:
-    return path
-  venv = Path.home() / ".cache" / "research" / "torchref"
+def _side_venv(name: str, base_python: str, packages: list[str], what: str) -> str:
+  """~/.cache/research/<name>: a venv made from `base_python` with `packages`, once."""
+  venv = Path.home() / ".cache" / "research" / name
   py = venv / "bin" / "python"
   if not py.exists():
-    print(f"creating the PyTorch reference venv at {venv} (Python 3.11, torch 2.13 CPU)", file=sys.stderr)
-    subprocess.run(["python3.11", "-m", "venv", str(venv)], check=True)
-    subprocess.run(
-      [
-        str(py),
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "torch==2.13.0",
-        "transformers==5.23.*",
-        "safetensors",
-        "accelerate>=1.1",
-      ],
-      check=True,
-    )
+    print(f"creating the {what} reference venv at {venv}", file=sys.stderr)
+    subprocess.run([base_python, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", *packages], check=True)
   return str(py)
+
+
+def ensure_torch_python(path: str | None) -> str:
+  packages = ["torch==2.13.0", "transformers==5.23.*", "safetensors", "accelerate>=1.1"]
+  return path or _side_venv("torchref", "python3.11", packages, "PyTorch (Python 3.11, torch 2.13 CPU)")
 
 
 def ensure_hf_flax_python(path: str | None) -> str:
-  """A Python 3.12 venv with our jax/flax/optax versions and transformers 4.57 (the last
-  release with Flax models), so that HF's Flax BERT runs on the same JAX as ours."""
-  if path:
-    return path
+  """A venv with our jax/jaxlib/flax/optax versions and transformers 4.57 (the last release
+  with Flax models), so that HF's Flax BERT runs on the same JAX as ours."""
   from importlib.metadata import version
 
-  venv = Path.home() / ".cache" / "research" / "hfflax"
-  py = venv / "bin" / "python"
-  if not py.exists():
-    print(f"creating the HF Flax reference venv at {venv} (transformers 4.57.6)", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pins = [f"{p}=={version(p)}" for p in ("jax", "jaxlib", "flax", "optax")]
-    subprocess.run([str(py), "-m", "pip", "install", "-q", *pins, "transformers==4.57.6"], check=True)
-  return str(py)
+  pins = [f"{p}=={version(p)}" for p in ("jax", "jaxlib", "flax", "optax")]
+  return path or _side_venv("hfflax", sys.executable, [*pins, "transformers==4.57.6"], "HF Flax (transformers 4.57.6)")
 
 
 def run_worker(
