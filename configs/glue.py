@@ -63,6 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # comma-separated, whose logits are averaged (an ensemble); `dir@latest` / `dir@STEP` pick
   # another checkpoint than the best.
   c.teacher = ""
+  # R-Drop (Liang et al. 2021): > 0 passes every example through the model twice under different
+  # dropout masks and adds alpha x the symmetric KL of the two predictions (research/steps.py);
+  # twice the compute per step. The paper used alpha in 0.1-1.0 on GLUE.
+  c.rdrop_alpha = 0.0
 
   # Which parameters train (research/finetune.py): full | frozen | top_k | bitfit | lora.
   c.finetune = dict(strategy="full", top_k=2, lora_rank=8, lora_alpha=16.0, lora_targets=("query", "value"))

@@ -75,6 +75,19 @@ def distill(*, logits, labels, weights, teacher_logits=None, temperature: float 
   return (per_ex * weights).sum(), weights.sum()
 
 
+def rdrop_consistency(logits_a, logits_b, weights) -> jax.Array:
+  """R-Drop's regularizer (Liang et al. 2021), summed over examples (weighted): the symmetric
+  KL between the predictions of two dropout passes over the same example,
+  KL(p_a || p_b) + KL(p_b || p_a) = sum_c (p_a - p_b)(log p_a - log p_b); for regression (one
+  output) the squared difference of the two outputs."""
+  if logits_a.shape[-1] == 1:
+    per_ex = jnp.square(logits_a[:, 0] - logits_b[:, 0])
+  else:
+    log_a, log_b = jax.nn.log_softmax(logits_a), jax.nn.log_softmax(logits_b)
+    per_ex = ((jnp.exp(log_a) - jnp.exp(log_b)) * (log_a - log_b)).sum(-1)
+  return (per_ex * weights).sum()
+
+
 LOSSES: dict[str, LossFn] = {
   "softmax_xent": softmax_xent,
   "label_smoothing": label_smoothing,

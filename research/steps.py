@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from research import finetune
-from research.losses import LossFn
+from research.losses import LossFn, rdrop_consistency
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "masked_positions")
 # Batch fields that are neither model inputs nor labels/weights go to the loss as keywords
@@ -77,6 +77,7 @@ def train_step(
   rng_impl: str = "threefry2x32",
   mask=None,
   norms_every: int = 1,
+  rdrop_alpha: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a (global) batch, optionally in `grad_accum` micro-batches.
 
@@ -91,6 +92,11 @@ def train_step(
   `norms_every` (the host's logging steps) and are NaN otherwise: two more passes over the
   parameters cost another ~15% there. Only the parameters `mask` marks trainable are
   differentiated and updated; the rest are constants of the step.
+
+  `rdrop_alpha > 0` (R-Drop, Liang et al. 2021; classifiers): every row goes through the model
+  twice in one forward pass, under different dropout masks, and each example's loss is half the
+  paper's, (loss_a + loss_b) / 2 + alpha / 4 * symmetric KL(p_a, p_b), so alpha is the paper's.
+  The copies sit next to each other (rows 2r, 2r + 1), on the device that holds row r.
   """
   loss_kwargs = loss_kwargs or {}
   key = jax.random.wrap_key_data(state.rng, impl=rng_impl)
@@ -102,12 +108,22 @@ def train_step(
 
   def loss_and_aux(train_params, micro, micro_rng):
     params = train_params if mask is None else finetune.combine(train_params, frozen)
-    logits = _forward(params, micro, micro_rng, model=model, train=True)
+    if not rdrop_alpha:
+      logits = _forward(params, micro, micro_rng, model=model, train=True)
+    else:
+      twice = jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0), micro)
+      both = _forward(params, twice, micro_rng, model=model, train=True)
+      rows = micro["input_ids"].shape[0]  # packed: logits are (2R * S) x C, slots row-major
+      both = both.reshape(rows, 2, -1, both.shape[-1])
+      logits, logits_b = both[:, 0].reshape(-1, both.shape[-1]), both[:, 1].reshape(-1, both.shape[-1])
     micro = _per_example(micro)
-    loss_sum, count = loss_fn(
-      logits=logits, labels=micro["labels"], weights=micro["weights"], **_loss_extras(micro), **loss_kwargs
-    )
-    return loss_sum, (count, _correct(logits, micro["labels"], micro["weights"]))
+    labels, weights, extras = micro["labels"], micro["weights"], _loss_extras(micro)
+    loss_sum, count = loss_fn(logits=logits, labels=labels, weights=weights, **extras, **loss_kwargs)
+    if rdrop_alpha:
+      loss_b, _ = loss_fn(logits=logits_b, labels=labels, weights=weights, **extras, **loss_kwargs)
+      consistency = rdrop_consistency(logits, logits_b, weights)
+      loss_sum = 0.5 * (loss_sum + loss_b) + 0.25 * rdrop_alpha * consistency
+    return loss_sum, (count, _correct(logits, labels, weights))
 
   grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
   if grad_accum == 1:

@@ -196,6 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       rng_impl=config.rng_impl,
       mask=mask,
       norms_every=config.log_every_steps,
+      rdrop_alpha=config.get("rdrop_alpha", 0.0),
     ),
     donate=config.donate,
   )

@@ -66,7 +66,8 @@ def test_packed_logits_equal_one_example_per_row():
 
 
 def test_packed_train_step_equals_unpacked_on_the_same_examples():
-  """Same examples, same parameters, no dropout: the same loss, gradient and update."""
+  """Same examples, same parameters, no dropout: the same loss, gradient and update; with R-Drop
+  too (without dropout its two passes agree, so it equals the plain step)."""
   enc = _encoded(n=10, max_len=10)
   rows, length, max_seg = 2, 32, 8
   plan = pipeline.pack_plan(enc.lengths, rows, length, max_seg, seed=0, epoch=0)[0]
@@ -77,22 +78,25 @@ def test_packed_train_step_equals_unpacked_on_the_same_examples():
   params = model.init(jax.random.PRNGKey(0), ids, ids, ids)["params"]
   oc = glue_cfg.get_config().optimizer
   tx, schedule = optim.make_optimizer(oc, params, 10)
+  variants = (("softmax_xent", 0.0), ("distill", 0.0), ("softmax_xent", 1.0))
   out = {}
   for name, batch in (("packed", packed), ("single", single)):
     state = steps.create_state(params, tx, jax.random.PRNGKey(1))
-    for loss in ("softmax_xent", "distill"):
+    for loss, rdrop in variants:
       new, m = jax.jit(
-        lambda s, b, loss=loss: steps.train_step(
-          s, b, model=model, loss_fn=losses.get_loss(loss), tx=tx, schedule=schedule
+        lambda s, b, loss=loss, rdrop=rdrop: steps.train_step(
+          s, b, model=model, loss_fn=losses.get_loss(loss), tx=tx, schedule=schedule, rdrop_alpha=rdrop
         )
       )(state, batch)
-      out[name, loss] = (new.params, m)
-  for loss in ("softmax_xent", "distill"):
-    (p1, m1), (p2, m2) = out["packed", loss], out["single", loss]
+      out[name, loss, rdrop] = (new.params, m)
+  pairs = [(("packed", *v), ("single", *v)) for v in variants]
+  pairs.append((("packed", "softmax_xent", 1.0), ("packed", "softmax_xent", 0.0)))
+  for a, b in pairs:
+    (p1, m1), (p2, m2) = out[a], out[b]
     assert float(m1["count"]) == float(m2["count"]) == len(plan)
     for k in ("loss_sum", "correct", "grad_norm"):
-      np.testing.assert_allclose(float(m1[k]), float(m2[k]), rtol=2e-5, err_msg=f"{loss} {k}")
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), p1, p2)
+      np.testing.assert_allclose(float(m1[k]), float(m2[k]), rtol=2e-5, err_msg=f"{a} {b} {k}")
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-4), p1, p2)
 
 
 def test_packed_eval_covers_every_example_once():

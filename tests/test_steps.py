@@ -55,12 +55,18 @@ def _setup(opt_overrides=None, total_steps=10, cfg=CFG):
   return model, tx, schedule, state
 
 
-def _run(mesh, batches, grad_accum=1, opt=None, kind="jit", cfg=CFG):
+def _run(mesh, batches, grad_accum=1, opt=None, kind="jit", cfg=CFG, **step_kwargs):
   model, tx, schedule, state = _setup(opt, cfg=cfg)
   strategy = parallel.Strategy(kind, mesh)
   fn = strategy.compile_train(
     functools.partial(
-      steps.train_step, model=model, loss_fn=losses.softmax_xent, tx=tx, schedule=schedule, grad_accum=grad_accum
+      steps.train_step,
+      model=model,
+      loss_fn=losses.softmax_xent,
+      tx=tx,
+      schedule=schedule,
+      grad_accum=grad_accum,
+      **step_kwargs,
     )
   )
   state = strategy.put_state(state)
@@ -151,6 +157,35 @@ def test_grad_accumulation_equals_one_big_batch():
   acc, ha = _run(mesh, batches, grad_accum=2, cfg=CFG_NO_DROPOUT)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), full.params, acc.params)
   np.testing.assert_allclose(hf[0]["grad_norm"], ha[0]["grad_norm"], rtol=1e-5)
+
+
+def test_rdrop_meets_each_example_with_its_own_copy():
+  """Without dropout R-Drop's two passes agree, so its step is the plain step: on one device and
+  sharded over eight (each row's copy is made on its own device), and with micro-batches."""
+  batches = [_batch(seed=s) for s in range(2)]
+  plain, hp = _run(parallel.make_mesh(8), batches, cfg=CFG_NO_DROPOUT)
+  for devices, accum in ((1, 1), (8, 1), (8, 2)):
+    rd, hr = _run(parallel.make_mesh(devices), batches, grad_accum=accum, cfg=CFG_NO_DROPOUT, rdrop_alpha=1.0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain.params, rd.params)
+    for a, b in zip(hp, hr):
+      np.testing.assert_allclose(a["loss_sum"], b["loss_sum"], rtol=1e-5)
+      assert a["count"] == b["count"] and a["correct"] == b["correct"]
+
+
+def test_rdrop_adds_the_symmetric_kl_of_two_dropout_passes():
+  # the regularizer: KL(p||q) + KL(q||p) per example, weighted; squared difference for regression
+  a, b = jnp.array([[1.0, -1.0, 0.5], [0.0, 2.0, 1.0]]), jnp.array([[0.2, 0.3, -0.5], [0.0, 2.0, 1.0]])
+  p, q = jax.nn.softmax(a), jax.nn.softmax(b)
+  kl = lambda x, y: (x * jnp.log(x / y)).sum(-1)  # noqa: E731
+  expected = (kl(p, q) + kl(q, p)) * jnp.array([2.0, 1.0])
+  np.testing.assert_allclose(losses.rdrop_consistency(a, b, jnp.array([2.0, 1.0])), expected.sum(), rtol=1e-6)
+  assert float(losses.rdrop_consistency(a, a, jnp.ones(2))) == pytest.approx(0.0, abs=1e-7)
+  reg = losses.rdrop_consistency(a[:, :1], b[:, :1], jnp.ones(2))
+  np.testing.assert_allclose(reg, 0.8**2, rtol=1e-6)
+  # With dropout the two copies draw different masks: the same step with a larger alpha has the
+  # same cross-entropy parts and a larger loss, by (alpha' - alpha) / 4 x a positive consistency.
+  losses_by_alpha = [_run(parallel.make_mesh(8), [_batch()], rdrop_alpha=alpha)[1][0]["loss_sum"] for alpha in (1, 5)]
+  assert losses_by_alpha[1] > losses_by_alpha[0] + 1e-4
 
 
 def test_nonfinite_loss_is_flagged():
