@@ -1,7 +1,7 @@
 """Plot training curves from one or more workdirs' `metrics.jsonl` (train and eval splits).
 
     python -m research.curves --workdirs runs/mlm-small --metrics loss,accuracy,perplexity \
-        --out docs/mlm/curves.png
+        --out benchmarks/results/mlm/curves.png
 
 One panel per metric, one line per (workdir, split). `perplexity` is exp(loss) where a record
 has a loss but no perplexity (the trainer logs perplexity for language-model evals only).
