@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/train_step.py --fused xla --skip-torch   # + einsum vs fused attention
     .venv/bin/python benchmarks/train_step.py --every-token        # + our last layer over every token
     .venv/bin/python benchmarks/train_step.py --hf-flax            # + Hugging Face's Flax BERT, jitted
+    .venv/bin/python benchmarks/train_step.py --optimizer-levers --skip-torch   # + optax's AdamW chain, + norms
 
 Both sides train BertForSequenceClassification-shaped models (2 labels) with AdamW, fp32,
 dropout on, on the same batch/sequence shape; each runs in its own subprocess so peak RSS
@@ -26,6 +27,10 @@ above in every row, so for the [CLS]-only rows they are HF-equivalent throughput
 of the FLOPs it ran is printed below the table.
 "XLA temp GB" is the compiled step's scratch memory (XLA's memory analysis: activations kept
 for the backward pass and workspace), which rematerialization (`--remat`) trades for compute.
+Our step is the trainer's step between logging steps: the fused AdamW (`research/optim.adamw`)
+and no parameter/update norms. `--optimizer-levers` adds a row with optax's chain
+(clip_by_global_norm -> adamw with the decay mask) in its place, and a row with the norms on (the
+program the trainer runs on its logging steps).
 """
 
 from __future__ import annotations
@@ -83,6 +88,8 @@ def worker_jax(
   remat: bool = False,
   attention: str = "",
   every_token: bool = False,
+  optax_chain: bool = False,
+  norms: bool = False,
 ) -> dict:
   """`attention` set (einsum | xla | cudnn | auto): that kernel, without attention-probability
   dropout (the fused kernels have none), so the rows of one --fused comparison match."""
@@ -92,6 +99,7 @@ def worker_jax(
   import jax
   import jax.numpy as jnp
   import numpy as np
+  import optax
 
   from configs import glue
   from research import losses, optim, parallel
@@ -116,6 +124,9 @@ def worker_jax(
   )["params"]
   oc = glue.get_config().optimizer
   tx, schedule = optim.make_optimizer(oc, params, 1000)
+  if optax_chain:  # the same AdamW as optax composes it: each stage a pass of its own
+    adamw = optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay)
+    tx = optax.chain(optax.clip_by_global_norm(oc.clip_norm), optax.masked(adamw, optim.decay_mask(params)))
   mesh = parallel.make_mesh(1)
   rng = jax.random.key_data(jax.random.key(1, impl=rng_impl))
   state = parallel.replicate(steps_lib.create_state(params, tx, rng), mesh)
@@ -127,7 +138,7 @@ def worker_jax(
       tx=tx,
       schedule=schedule,
       rng_impl=rng_impl,
-      norms_every=glue.get_config().log_every_steps,  # as the trainer: param/update norms on logging steps
+      norms=norms,  # off: the trainer's step on all but its logging steps
     ),
     mesh,
   )
@@ -148,6 +159,8 @@ def worker_jax(
   return {
     "framework": f"ours (jax {jax.__version__}, {dtype}, {rng_impl} dropout{', remat' if remat else ''}"
     + (", last layer over every token" if every_token else "")
+    + (", optax AdamW chain" if optax_chain else "")
+    + (", param/update norms" if norms else "")
     + (f", attention {attention}, no attention dropout)" if attention else ")"),
     "temp_gb": temp_gb,
     "times": times,
@@ -287,6 +300,8 @@ def run_worker(
   remat: bool = False,
   attention: str = "",
   every_token: bool = False,
+  optax_chain: bool = False,
+  norms: bool = False,
 ) -> dict:
   cmd = (
     [
@@ -312,6 +327,8 @@ def run_worker(
     + (["--remat"] if remat else [])
     + (["--attention", attention] if attention else [])
     + (["--every-token"] if every_token else [])
+    + (["--optax-chain"] if optax_chain else [])
+    + (["--norms"] if norms else [])
   )
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if out.returncode:
@@ -344,6 +361,13 @@ def main() -> None:
   p.add_argument(
     "--every-token", action="store_true", help="also time our step with the last layer over every token (as HF)"
   )
+  p.add_argument(
+    "--optimizer-levers",
+    action="store_true",
+    help="also time our step with optax's AdamW chain instead of the fused one, and with the norms on",
+  )
+  p.add_argument("--optax-chain", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--norms", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--attention", default="", help=argparse.SUPPRESS)
   p.add_argument("--worker", choices=["jax", "torch", "hf_flax"], help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -362,6 +386,8 @@ def main() -> None:
         args.remat,
         args.attention,
         args.every_token,
+        args.optax_chain,
+        args.norms,
       )
     elif args.worker == "hf_flax":
       r = worker_hf_flax(shape, args.batch, args.seq, args.warmup, args.steps)
@@ -377,7 +403,13 @@ def main() -> None:
     f"fp32 matmul peak (numpy, n=4096): {peak:.0f} GFLOP/s; batch {args.batch}, seq {args.seq}; "
     f"median of {args.steps} steps after {args.warmup} warm-ups"
   )
-  options = (("PyTorch", torch_py), ("no remat", args.remat), ("every token", args.every_token), ("einsum", args.fused))
+  options = (
+    ("PyTorch", torch_py),
+    ("no remat", args.remat),
+    ("every token", args.every_token),
+    ("einsum", args.fused),
+    ("our default step", args.optimizer_levers),
+  )
   reference = next((name for name, on in options if on), None)
   header = (
     f"| shape | framework | s/step | ex/s | GFLOP/s | % of peak | peak RSS GB | XLA temp GB | speed vs {reference} |"
@@ -391,6 +423,9 @@ def main() -> None:
       results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, remat=True))
     if args.every_token:
       results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, every_token=True))
+    if args.optimizer_levers:
+      results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, optax_chain=True))
+      results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, norms=True))
     if args.fused:
       for attention in ("einsum", args.fused):
         results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, attention=attention))

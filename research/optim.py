@@ -28,8 +28,61 @@ import optax
 from research import finetune
 
 
-def _adamw(lr, c, mask):
-  return optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask)
+class AdamWState(NamedTuple):
+  count: jax.Array  # updates so far
+  mu: Any  # first moment, a tree like the parameters
+  nu: Any  # second moment
+
+
+def adamw(
+  lr: optax.Schedule,
+  b1: float,
+  b2: float,
+  eps: float,
+  weight_decay: float,
+  mask,
+  clip_norm: float = 0.0,
+  lr_scales=None,
+) -> optax.GradientTransformation:
+  """AdamW (Loshchilov & Hutter), with global-norm clipping and per-parameter lr multipliers,
+  computed as one elementwise expression per parameter: the same math as
+  `chain(clip_by_global_norm(clip_norm), optax.adamw(lr, b1, b2, eps, weight_decay, mask=mask),
+  scale_by_tree(lr_scales))` (tested against it), but XLA fuses it into three passes over each
+  parameter (the two moments and the update) where the optax chain materializes every stage:
+  on the MiniLM tree (22.7M parameters) the update takes less than half the time on this CPU
+  (README Performance). `mask` (a tree of bools) selects the parameters that decay."""
+
+  def init(params):
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+    return AdamWState(jnp.zeros((), jnp.int32), zeros(), zeros())
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError("adamw needs the parameters in update() for weight decay")
+    count = optax.safe_int32_increment(state.count)
+    clip = jnp.minimum(1.0, clip_norm / optax.tree.norm(grads)) if clip_norm else 1.0
+    step_size = -lr(state.count)
+    bc1, bc2 = 1.0 - b1**count, 1.0 - b2**count
+    scales = lr_scales if lr_scales is not None else jax.tree.map(lambda _: 1.0, grads)
+
+    def leaf(g, m, v, p, decay, scale):
+      g = g * clip
+      m = b1 * m + (1.0 - b1) * g
+      v = b2 * v + (1.0 - b2) * g * g
+      u = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps)
+      if decay and weight_decay:
+        u = u + weight_decay * p
+      return (step_size * scale * u).astype(p.dtype), m, v
+
+    out = jax.tree.map(leaf, grads, state.mu, state.nu, params, mask, scales)
+    parts = [jax.tree.map(lambda o, i=i: o[i], out, is_leaf=lambda x: isinstance(x, tuple)) for i in range(3)]
+    return parts[0], AdamWState(count, parts[1], parts[2])
+
+  return optax.GradientTransformation(init, update)
+
+
+def _adamw(lr, c, mask, clip_norm=0.0, lr_scales=None):
+  return adamw(lr, c.b1, c.b2, c.eps, c.weight_decay, mask, clip_norm, lr_scales)
 
 
 def _with_decay(opt: optax.GradientTransformation, c, mask) -> optax.GradientTransformation:
@@ -156,15 +209,19 @@ def make_optimizer(
   if c.name not in OPTIMIZERS:
     raise KeyError(f"config.optimizer.name={c.name!r}: expected one of {', '.join(OPTIMIZERS)}")
   schedule = make_schedule(c, total_steps)
-  tx = OPTIMIZERS[c.name](schedule, c, decay_mask(params))
-  if c.clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), tx)
   decay = c.get("layer_decay", 1.0)
-  if decay != 1.0:
-    if not 0.0 < decay < 1.0:
-      raise ValueError(f"config.optimizer.layer_decay={decay}: expected 0 < decay <= 1")
-    layers = finetune.num_layers(params) if layers is None else layers
-    tx = optax.chain(tx, scale_by_tree(layer_lr_scales(params, decay, layers)))
+  if not 0.0 < decay <= 1.0:
+    raise ValueError(f"config.optimizer.layer_decay={decay}: expected 0 < decay <= 1")
+  layers = finetune.num_layers(params) if layers is None else layers
+  scales = layer_lr_scales(params, decay, layers) if decay != 1.0 else None
+  if c.name == "adamw":  # fused: clipping and the lr scales are part of its one expression
+    tx = _adamw(schedule, c, decay_mask(params), c.clip_norm, scales)
+  else:
+    tx = OPTIMIZERS[c.name](schedule, c, decay_mask(params))
+    if c.clip_norm:
+      tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), tx)
+    if scales is not None:
+      tx = optax.chain(tx, scale_by_tree(scales))
   ema = c.get("ema", 0.0)
   if ema:
     if not 0.0 < ema < 1.0:

@@ -184,21 +184,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   # --- Compiled steps ------------------------------------------------------------------------
   loss_kwargs = config.loss_kwargs.to_dict()
-  train_fn = strategy.compile_train(
-    functools.partial(
-      steps.train_step,
-      model=model,
-      loss_fn=loss_fn,
-      tx=tx,
-      schedule=schedule,
-      grad_accum=config.optimizer.grad_accum,
-      loss_kwargs=loss_kwargs,
-      rng_impl=config.rng_impl,
-      mask=mask,
-      norms_every=config.log_every_steps,
-      rdrop_alpha=config.get("rdrop_alpha", 0.0),
-    ),
-    donate=config.donate,
+  # Two programs: the plain step, and on logging steps the same with the parameter and update
+  # norms (steps.train_step: reading them in every step makes XLA copy the parameters).
+  step_fn = functools.partial(
+    steps.train_step,
+    model=model,
+    loss_fn=loss_fn,
+    tx=tx,
+    schedule=schedule,
+    grad_accum=config.optimizer.grad_accum,
+    loss_kwargs=loss_kwargs,
+    rng_impl=config.rng_impl,
+    mask=mask,
+    rdrop_alpha=config.get("rdrop_alpha", 0.0),
+  )
+  train_fn, train_fn_norms = (
+    strategy.compile_train(functools.partial(step_fn, norms=norms), donate=config.donate) for norms in (False, True)
   )
   eval_fn = strategy.compile_eval(
     functools.partial(
@@ -244,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   try:
     while step < total_steps and not stopped_early:
       batch, next_data_state = next(batches)
-      state, m = train_fn(state, batch)
+      state, m = (train_fn_norms if (step + 1) % config.log_every_steps == 0 else train_fn)(state, batch)
       if pending is not None:
         _accumulate(sums, host_metrics(pending))
       pending, step, data_state = (m, step + 1), step + 1, next_data_state

@@ -109,7 +109,7 @@ def test_fsdp_step_equals_single_device(fsdp, monkeypatch):
   kernel = placed.params["bert"]["layer_0"]["mlp_in"]["kernel"]
   assert kernel.sharding.spec == parallel.P(None, "fsdp")
   assert kernel.addressable_shards[0].data.shape == (32, 64 // fsdp)
-  mu = placed.opt_state[1][0].mu["bert"]["layer_0"]["mlp_in"]["kernel"]
+  mu = placed.opt_state.mu["bert"]["layer_0"]["mlp_in"]["kernel"]
   assert mu.addressable_shards[0].data.shape == (32, 64 // fsdp)
   with pytest.raises(ValueError, match="config.fsdp > 1 needs config.parallel='jit'"):
     parallel.Strategy("pmap", mesh)
@@ -139,7 +139,7 @@ def test_sharded_init_builds_each_devices_shards_only(monkeypatch):
     return steps.create_state(p, tx, r)
 
   state = parallel.init_sharded(create, params, jax.random.PRNGKey(1), mesh=mesh)
-  mu = state.opt_state[1][0].mu["bert"]["layer_0"]["mlp_in"]["kernel"]
+  mu = state.opt_state.mu["bert"]["layer_0"]["mlp_in"]["kernel"]
   assert mu.sharding.spec == parallel.P(None, "fsdp") and mu.addressable_shards[0].data.shape == (64, 16)
   # What one device's init program outputs: the sharded leaves at 1/8 of their size.
   shapes = jax.eval_shape(create, params, jax.random.PRNGKey(1))
@@ -214,18 +214,19 @@ def test_metrics_are_sums_and_norms():
   assert 0 <= m["correct"] <= m["count"] and m["loss_sum"] > m["count"] * 0.3
   assert float(m["lr"]) == 0.0  # step 0 of the warmup
   assert np.isfinite(m["param_norm"]) and m["update_norm"] == 0.0  # lr 0: no update yet
-  # norms_every=k: measured when (step + 1) % k == 0, NaN on the other steps
+  # norms=False (the trainer's step between logging steps): the same update, norms NaN
   model, tx, schedule, state = _setup()
-  fn = jax.jit(
-    functools.partial(
-      steps.train_step, model=model, loss_fn=losses.softmax_xent, tx=tx, schedule=schedule, norms_every=2
+  out = {}
+  for norms in (True, False):
+    fn = jax.jit(
+      functools.partial(
+        steps.train_step, model=model, loss_fn=losses.softmax_xent, tx=tx, schedule=schedule, norms=norms
+      )
     )
-  )
-  norms = []
-  for _ in range(2):
-    state, m = fn(state, _batch())
-    norms.append(float(m["param_norm"]))
-  assert np.isnan(norms[0]) and np.isfinite(norms[1])
+    out[norms] = fn(fn(state, _batch())[0], _batch(seed=1))
+  assert np.isfinite(out[True][1]["param_norm"]) and np.isnan(out[False][1]["update_norm"])
+  assert out[True][1]["update_norm"] > 0
+  jax.tree.map(np.testing.assert_array_equal, out[True][0].params, out[False][0].params)
 
 
 def test_eval_step_drops_nothing_real():
@@ -248,6 +249,37 @@ def test_weight_decay_mask_skips_biases_and_norms():
   assert not mask["bert"]["layer_0"]["attn"]["query"]["bias"]
   assert not mask["bert"]["layer_0"]["mlp_norm"]["scale"]
   assert not mask["bert"]["embed_norm"]["bias"]
+
+
+@pytest.mark.parametrize("clip_norm, layer_decay", [(1.0, 1.0), (0.0, 0.8), (1e-3, 0.8)])
+def test_fused_adamw_equals_the_optax_chain(clip_norm, layer_decay):
+  """optim.adamw (the default, one expression per parameter) against the optax chain it fuses:
+  clip_by_global_norm -> adamw with the decay mask -> per-parameter lr scales."""
+  _, _, _, state = _setup()
+  params = state.params
+  oc = ml_collections.ConfigDict(
+    dict(glue_cfg.get_config().optimizer) | {"clip_norm": clip_norm, "layer_decay": layer_decay, "lr": 1e-2}
+  )
+  tx, schedule = optim.make_optimizer(oc, params, 10)
+  reference = optax.chain(
+    optax.clip_by_global_norm(clip_norm) if clip_norm else optax.identity(),
+    optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay, mask=optim.decay_mask(params)),
+    optim.scale_by_tree(optim.layer_lr_scales(params, layer_decay, 2)),
+  )
+
+  def train(t):
+    p, s = params, t.init(params)
+    for i in range(4):  # a new gradient each step; step 0 has lr 0 (warmup)
+      key = jax.random.PRNGKey(i)
+      grads = jax.tree.map(lambda x, k=key: jax.random.normal(k, x.shape) * 0.1, p)
+      u, s = t.update(grads, s, p)
+      p = optax.apply_updates(p, u)
+    return p
+
+  ours, ref = train(tx), train(reference)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), ref, params)
+  assert max(jax.tree.leaves(moved)) > 1e-3  # the reference did train
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), ours, ref)
 
 
 def test_linear_warmup_then_decay():
