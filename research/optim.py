@@ -6,6 +6,8 @@ Layer-wise lr decay (`layer_decay` < 1, Clark et al. 2020) scales each update by
 `layer_decay ** depth-from-top`: the head and pooler 1, the top layer `d`, ..., embeddings
 `d ** (L + 1)`. Scaling the final update is scaling the learning rate, for every optimizer here.
 `params` is the trainable part only (finetune.py), so frozen parameters get no state.
+`adamw`, the default, is written out as one expression per parameter (`adamw` below) with the
+clipping and lr scales inside it; the other optimizers are optax's, chained with them.
 
 `ema` > 0 keeps an exponential moving average of the trained weights (Polyak averaging) in
 the optimizer state, so it is checkpointed and resumed like the moments. Its decay ramps up as
@@ -48,9 +50,9 @@ def adamw(
   computed as one elementwise expression per parameter: the same math as
   `chain(clip_by_global_norm(clip_norm), optax.adamw(lr, b1, b2, eps, weight_decay, mask=mask),
   scale_by_tree(lr_scales))` (tested against it), but XLA fuses it into three passes over each
-  parameter (the two moments and the update) where the optax chain materializes every stage:
-  on the MiniLM tree (22.7M parameters) the update takes less than half the time on this CPU
-  (README Performance). `mask` (a tree of bools) selects the parameters that decay."""
+  parameter (the two moments and the update) where the optax chain writes every stage to memory:
+  a packed SST-2 step of MiniLM is ~5% faster on CPU (`benchmarks/train_step.py
+  --optimizer-levers`). `mask` (a tree of bools) selects the parameters that decay."""
 
   def init(params):
     zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731

@@ -89,9 +89,9 @@ def train_step(
   a poisoned state is never kept (the step itself does not select between old and new state:
   that pass over parameters and optimizer state cost ~17% of a short-sequence MiniLM step).
   `norms=False` leaves the parameter and update norms out (NaN): reading the new parameters and
-  the updates again makes XLA copy every parameter and keep the updates in memory, ~6% of a
-  packed SST-2 step, so the trainer compiles the step twice and runs this variant on all but its
-  logging steps (`train.py`). Only the parameters `mask` marks trainable are
+  the updates again makes XLA copy every parameter and keep the updates in memory, ~10% of a
+  packed SST-2 step (`benchmarks/train_step.py --optimizer-levers`), so the trainer compiles the
+  step twice and runs this variant on all but its logging steps (`train.py`). Only the parameters `mask` marks trainable are
   differentiated and updated; the rest are constants of the step.
 
   `rdrop_alpha > 0` (R-Drop, Liang et al. 2021; classifiers): every row goes through the model
