@@ -30,6 +30,8 @@ def test_tiny_end_to_end(small_glue, tmp_path):
   assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8]
   assert [r["step"] for r in records if r["split"] == "dev"] == [4, 8]
   assert {"loss", "accuracy", "grad_norm", "param_norm", "update_norm", "lr", "examples_per_sec"} <= set(records[-2])
+  # the logging steps ran the program with the norms (the others leave them out)
+  assert all(np.isfinite(r["param_norm"]) and r["update_norm"] > 0 for r in records if r["split"] == "train")
   assert json.loads((wd / "config.json").read_text())["task"] == "sst2"
   assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
   # The latest step and the best-by-accuracy step are both kept, nothing else.
