@@ -22,12 +22,13 @@ _CHILD = textwrap.dedent("""
     import jax
     workdir, glue, pid, nproc, port, steps = sys.argv[1:7]
     pid, nproc, steps = int(pid), int(nproc), int(steps)
+    from pathlib import Path
+    from conftest import tiny_config  # sets 8 devices: override it after
+    from research import train
     jax.config.update("jax_num_cpu_devices", 8 // nproc)
     if nproc > 1:
       jax.distributed.initialize(coordinator_address=f"localhost:{{port}}", num_processes=nproc, process_id=pid)
-    from pathlib import Path
-    from conftest import tiny_config
-    from research import train
+    assert jax.device_count() == 8, jax.devices()
     config = tiny_config(Path(glue), num_train_steps=steps, checkpoint_every_steps=3, eval_every_steps=3)
     print("RESULT", train.train_and_evaluate(config, workdir))
 """)
@@ -97,7 +98,7 @@ def test_sigterm_to_both_processes_saves_one_step_and_resumes_exactly(small_glue
   import signal
   import time
 
-  steps = 40
+  steps = 25
   procs, logs = _launch(tmp_path / "pre", small_glue, nproc=2, steps=steps, wait=False)
   metrics = tmp_path / "pre" / "metrics.jsonl"
   deadline = time.time() + 300
