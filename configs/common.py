@@ -111,6 +111,7 @@ def optimizer(**overrides) -> dict:
     grad_accum=1,  # micro-batches per step (batch_size is the global batch)
     layer_decay=1.0,  # < 1: layer-wise lr decay, lr * decay ** (depth from the top)
     ema=0.0,  # > 0: evaluate, keep and export an exponential moving average of the weights
+    sam_rho=0.0,  # > 0: sharpness-aware minimization, the gradient at w + rho g/|g| (2x compute)
   )
   unknown = set(overrides) - set(o)
   if unknown:

@@ -224,6 +224,8 @@ def make_optimizer(
       tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), tx)
     if scales is not None:
       tx = optax.chain(tx, scale_by_tree(scales))
+  if c.get("sam_rho", 0.0) < 0:  # applied in steps.train_step, which needs the gradient function
+    raise ValueError(f"config.optimizer.sam_rho={c.sam_rho}: expected >= 0 (0 = off)")
   ema = c.get("ema", 0.0)
   if ema:
     if not 0.0 < ema < 1.0:

@@ -78,6 +78,7 @@ def train_step(
   mask=None,
   norms: bool = True,
   rdrop_alpha: float = 0.0,
+  sam_rho: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a (global) batch, optionally in `grad_accum` micro-batches.
 
@@ -98,6 +99,11 @@ def train_step(
   twice in one forward pass, under different dropout masks, and each example's loss is half the
   paper's, (loss_a + loss_b) / 2 + alpha / 4 * symmetric KL(p_a, p_b), so alpha is the paper's.
   The copies sit next to each other (rows 2r, 2r + 1), on the device that holds row r.
+
+  `sam_rho > 0` (SAM, Foret et al. 2021): the update uses the gradient at the weights moved
+  rho along the normalized gradient, w + rho * g / |g| (the worst point within rho, to first
+  order), computed on the same batch with the same dropout masks: two forward and backward
+  passes per step. The loss and accuracy are those at w; `grad_norm` is the gradient applied.
   """
   loss_kwargs = loss_kwargs or {}
   key = jax.random.wrap_key_data(state.rng, impl=rng_impl)
@@ -127,27 +133,33 @@ def train_step(
     return loss_sum, (count, _correct(logits, labels, weights))
 
   grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
-  if grad_accum == 1:
-    (loss_sum, (count, correct)), grads = grad_fn(trainable, batch, rng)
-  else:
-    # Row i*M + m goes to micro-batch m: each device keeps its own rows, no resharding.
-    def split(x):
-      return x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
 
-    micro_batches = jax.tree.map(split, batch)
+  def gradients(train_params):
+    """The batch-mean gradient at `train_params`, with the loss sum, count and correct count."""
+    if grad_accum == 1:
+      (loss_sum, (count, correct)), grads = grad_fn(train_params, batch, rng)
+    else:
+      # Row i*M + m goes to micro-batch m: each device keeps its own rows, no resharding.
+      def split(x):
+        return x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
 
-    def accumulate(carry, xs):
-      micro, i = xs
-      (loss, (c, k)), g = grad_fn(trainable, micro, jax.random.fold_in(rng, i))
-      acc_g, acc_l, acc_c, acc_k = carry
-      return (jax.tree.map(jnp.add, acc_g, g), acc_l + loss, acc_c + c, acc_k + k), None
+      def accumulate(carry, xs):
+        micro, i = xs
+        (loss, (c, k)), g = grad_fn(train_params, micro, jax.random.fold_in(rng, i))
+        acc_g, acc_l, acc_c, acc_k = carry
+        return (jax.tree.map(jnp.add, acc_g, g), acc_l + loss, acc_c + c, acc_k + k), None
 
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
-    init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
-    (grads, loss_sum, count, correct), _ = jax.lax.scan(accumulate, init, (micro_batches, jnp.arange(grad_accum)))
+      zeros = jax.tree.map(jnp.zeros_like, train_params)
+      init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+      xs = (jax.tree.map(split, batch), jnp.arange(grad_accum))
+      (grads, loss_sum, count, correct), _ = jax.lax.scan(accumulate, init, xs)
+    grads, loss_sum, count, correct = reduce((grads, loss_sum, count, correct))
+    return jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads), loss_sum, count, correct
 
-  grads, loss_sum, count, correct = reduce((grads, loss_sum, count, correct))
-  grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+  grads, loss_sum, count, correct = gradients(trainable)
+  if sam_rho:
+    scale = sam_rho / jnp.maximum(optax.tree.norm(grads), 1e-12)
+    grads = gradients(jax.tree.map(lambda w, g: w + scale * g, trainable, grads))[0]
   updates, opt_state = tx.update(grads, state.opt_state, trainable)
   params = optax.apply_updates(trainable, updates)
   if mask is not None:

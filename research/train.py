@@ -197,6 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     rng_impl=config.rng_impl,
     mask=mask,
     rdrop_alpha=config.get("rdrop_alpha", 0.0),
+    sam_rho=config.optimizer.get("sam_rho", 0.0),
   )
   train_fn, train_fn_norms = (
     strategy.compile_train(functools.partial(step_fn, norms=norms), donate=config.donate) for norms in (False, True)

@@ -159,6 +159,33 @@ def test_grad_accumulation_equals_one_big_batch():
   np.testing.assert_allclose(hf[0]["grad_norm"], ha[0]["grad_norm"], rtol=1e-5)
 
 
+def test_sam_steps_with_the_gradient_at_the_perturbed_weights():
+  """Under SGD (lr 1, no clipping) a step's update is minus the gradient it used, so SAM's update
+  must be minus the plain step's gradient at w + rho g/|g|; the same sharded over eight devices
+  and in micro-batches (dropout off there: the micro-batch rngs differ)."""
+  rho, batch = 0.05, _batch(seed=3)
+  model, _, schedule, state = _setup()
+  sgd = optax.sgd(1.0)
+  state = steps.create_state(state.params, sgd, state.rng)
+  step = functools.partial(steps.train_step, model=model, loss_fn=losses.softmax_xent, tx=sgd, schedule=schedule)
+  g = jax.tree.map(jnp.subtract, state.params, jax.jit(step)(state, batch)[0].params)
+  scale = rho / optax.tree.norm(g)
+  moved = state.replace(params=jax.tree.map(lambda w, d: w + scale * d, state.params, g))
+  g_moved = jax.tree.map(jnp.subtract, moved.params, jax.jit(step)(moved, batch)[0].params)
+  sam, m = jax.jit(functools.partial(step, sam_rho=rho))(state, batch)
+  expected = jax.tree.map(jnp.subtract, state.params, g_moved)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sam.params, expected)
+  np.testing.assert_allclose(m["grad_norm"], optax.tree.norm(g_moved), rtol=1e-5)
+  assert float(optax.tree.norm(jax.tree.map(jnp.subtract, g_moved, g))) > 1e-4  # the perturbation mattered
+
+  batches = [_batch(seed=s) for s in range(2)]
+  one, h1 = _run(parallel.make_mesh(1), batches, cfg=CFG_NO_DROPOUT, sam_rho=rho)
+  for accum in (1, 2):
+    eight, h8 = _run(parallel.make_mesh(8), batches, grad_accum=accum, cfg=CFG_NO_DROPOUT, sam_rho=rho)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one.params, eight.params)
+    np.testing.assert_allclose(h1[1]["loss_sum"], h8[1]["loss_sum"], rtol=1e-5)
+
+
 def test_rdrop_meets_each_example_with_its_own_copy():
   """Without dropout R-Drop's two passes agree, so its step is the plain step: on one device and
   sharded over eight (each row's copy is made on its own device), and with micro-batches."""

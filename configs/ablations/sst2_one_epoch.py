@@ -23,6 +23,8 @@ warmup then linear decay to 0 over one epoch, sequence packing (4 rows x 128 tok
 - `mean-rdrop`: `mean` with R-Drop (Liang et al. 2021, alpha 1): each sentence goes through the
   model twice under different dropout masks, and the symmetric KL of the two predictions is
   added to the loss. Twice the compute per step.
+- `mean-sam`: `mean` with sharpness-aware minimization (Foret et al. 2021, rho 0.05): each step
+  uses the gradient at the weights moved rho along the normalized gradient. Twice the compute.
 """
 
 from __future__ import annotations
@@ -48,4 +50,5 @@ def sweep() -> list[dict]:
     {"_name": "cls-frozen-emb", "finetune.strategy": "top_k", "finetune.top_k": 6},
     {"_name": "mean-tapt", "model.pooling": "mean", "model.init_from": "runs/tapt-sst2/hf"},
     {"_name": "mean-rdrop", "model.pooling": "mean", "rdrop_alpha": 1.0},
+    {"_name": "mean-sam", "model.pooling": "mean", "optimizer.sam_rho": 0.05},
   ]
