@@ -68,7 +68,9 @@ def main():
   args = ap.parse_args()
   with tempfile.TemporaryDirectory() as cache:
     cold, warm = child(cache, args.shape), child(cache, args.shape)
-  print(f"| {args.shape} train step (both programs) | trace + lower | XLA compile | both | whole process |\n|---|---|---|---|---|")
+  print(
+    f"| {args.shape} train step (both programs) | trace + lower | XLA compile | both | whole process |\n|---|---|---|---|---|"
+  )
   for name, r in (("cold (empty cache)", cold), ("warm (persistent cache)", warm)):
     both = r["trace_s"] + r["compile_s"]
     print(f"| {name} | {r['trace_s']:.2f} s | {r['compile_s']:.2f} s | {both:.2f} s | {r['process_s']:.1f} s |")

@@ -184,6 +184,10 @@ def test_sam_steps_with_the_gradient_at_the_perturbed_weights():
     eight, h8 = _run(parallel.make_mesh(8), batches, grad_accum=accum, cfg=CFG_NO_DROPOUT, sam_rho=rho)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one.params, eight.params)
     np.testing.assert_allclose(h1[1]["loss_sum"], h8[1]["loss_sum"], rtol=1e-5)
+  oc = glue_cfg.get_config().optimizer
+  oc.sam_rho = -0.1
+  with pytest.raises(ValueError, match="optimizer.sam_rho=-0.1"):
+    optim.make_optimizer(oc, state.params, 10)
 
 
 def test_rdrop_meets_each_example_with_its_own_copy():
