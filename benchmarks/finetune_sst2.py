@@ -19,7 +19,8 @@ program compiled), once warm (loaded from the cache, as on a rerun or a sweep's 
 rows of 128 tokens per step, ~37 sentences, one train and one eval program), cold and warm on
 their own fresh cache. They cover the same number of examples as the others (`--steps N`
 becomes N x 32 sentences' worth of packed steps), so they take fewer, fuller steps.
-`--skip-buckets` leaves out the length-bucket runs; `--rng-impl rbg` applies to all our runs.
+`--skip-buckets` leaves out the length-bucket runs; `--rng-impl rbg` and `--dropout-bits hash`
+(`config.model.dropout_bits`) apply to all our runs.
 `--frozen-embeddings` adds packed runs with the embedding block frozen
 (`--config.finetune.strategy=top_k --config.finetune.top_k=6`: every layer trains, the 11.9M
 embedding parameters get no gradient and no AdamW update): a recipe change, so its row names it,
@@ -69,6 +70,7 @@ def run_ours(
   pack_rows: int = 0,
   rng_impl: str = "",
   frozen_embeddings: bool = False,
+  dropout_bits: str = "",
 ) -> dict:
   work = Path(tempfile.mkdtemp(prefix="ft_sst2_ours_"))
   n = steps or 0
@@ -85,6 +87,8 @@ def run_ours(
   ]
   if rng_impl:
     cmd.append(f"--config.rng_impl={rng_impl}")
+  if dropout_bits:
+    cmd.append(f"--config.model.dropout_bits={dropout_bits}")
   if pack_rows:  # the same examples as `n` steps of 32, in fewer packed steps
     cmd += [f"--config.data.pack_rows={pack_rows}", f"--config.num_epochs={n * 32 / SST2_TRAIN if n else 1}"]
     cmd += ["--config.eval_every_steps=100000", "--config.checkpoint_every_steps=100000"]
@@ -99,7 +103,10 @@ def run_ours(
   layout = f"packed {pack_rows} x 128" if pack_rows else "length buckets"
   layout += ", embeddings frozen" if frozen_embeddings else ""
   return {
-    "side": f"ours (research.main, jax, {layout}, {label} compile cache{', rbg' if rng_impl == 'rbg' else ''})",
+    "side": f"ours (research.main, jax, {layout}, {label} compile cache"
+    + (", rbg" if rng_impl == "rbg" else "")
+    + (f", {dropout_bits} dropout draws" if dropout_bits else "")
+    + ")",
     "steps": s["step"],
     "examples": s["step"] * s.get("examples_per_step", 32),
     "train_s": s["train_seconds"],
@@ -203,6 +210,7 @@ def main() -> None:
   p.add_argument("--pack-rows", type=int, default=0, help="also run ours with sequence packing, this many rows")
   p.add_argument("--skip-buckets", action="store_true", help="only the packed runs of ours (with --pack-rows)")
   p.add_argument("--rng-impl", default="", help="our dropout PRNG: threefry2x32 (default) or rbg")
+  p.add_argument("--dropout-bits", default="", help="our dropout draws: jax (default) or hash")
   p.add_argument("--frozen-embeddings", action="store_true", help="also packed runs with the embeddings frozen")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--model_dir", default=None, help=argparse.SUPPRESS)
@@ -221,11 +229,17 @@ def main() -> None:
   for pack in ([] if args.skip_buckets else [0]) + ([args.pack_rows] if args.pack_rows else []):
     cache = tempfile.mkdtemp(prefix="ft_sst2_jax_cache_")  # empty: the first run compiles, the second loads
     for label in ("cold",) if args.cold_only else ("cold", "warm"):
-      rows.append(run_ours(args.steps, args.seed, glue_dir, cache, label, pack, args.rng_impl))
+      rows.append(
+        run_ours(args.steps, args.seed, glue_dir, cache, label, pack, args.rng_impl, dropout_bits=args.dropout_bits)
+      )
   if args.frozen_embeddings:
     cache = tempfile.mkdtemp(prefix="ft_sst2_jax_cache_")
     for label in ("cold",) if args.cold_only else ("cold", "warm"):
-      rows.append(run_ours(args.steps, args.seed, glue_dir, cache, label, args.pack_rows or 4, args.rng_impl, True))
+      rows.append(
+        run_ours(
+          args.steps, args.seed, glue_dir, cache, label, args.pack_rows or 4, args.rng_impl, True, args.dropout_bits
+        )
+      )
   if not args.skip_torch:
     python = ensure_torch_python(args.torch_python)
     rows.append(run_trainer(python, args.steps, args.seed, glue_dir, str(resolve_pretrained("minilm"))))

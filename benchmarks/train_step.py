@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/train_step.py --every-token        # + our last layer over every token
     .venv/bin/python benchmarks/train_step.py --hf-flax            # + Hugging Face's Flax BERT, jitted
     .venv/bin/python benchmarks/train_step.py --optimizer-levers --skip-torch   # + optax's AdamW chain, + norms
+    .venv/bin/python benchmarks/train_step.py --hash-dropout      # + dropout draws from an index hash
 
 Both sides train BertForSequenceClassification-shaped models (2 labels) with AdamW, fp32,
 dropout on, on the same batch/sequence shape; each runs in its own subprocess so peak RSS
@@ -90,6 +91,7 @@ def worker_jax(
   every_token: bool = False,
   optax_chain: bool = False,
   norms: bool = False,
+  dropout_bits: str = "jax",
 ) -> dict:
   """`attention` set (einsum | xla | cudnn | auto): that kernel, without attention-probability
   dropout (the fused kernels have none), so the rows of one --fused comparison match."""
@@ -107,7 +109,14 @@ def worker_jax(
   from research.models.bert import BertClassifier, BertConfig
 
   L, h, heads, inter = SHAPES[shape]
-  cfg = BertConfig(num_hidden_layers=L, hidden_size=h, num_attention_heads=heads, intermediate_size=inter, remat=remat)
+  cfg = BertConfig(
+    num_hidden_layers=L,
+    hidden_size=h,
+    num_attention_heads=heads,
+    intermediate_size=inter,
+    remat=remat,
+    dropout_bits=dropout_bits,
+  )
   if attention:
     cfg = dataclasses.replace(cfg, attention=attention, attention_probs_dropout_prob=0.0)
   model = BertClassifier(cfg, num_labels=2, dtype=jnp.dtype(dtype), last_layer_cls_only=not every_token)
@@ -161,6 +170,7 @@ def worker_jax(
     + (", last layer over every token" if every_token else "")
     + (", optax AdamW chain" if optax_chain else "")
     + (", param/update norms" if norms else "")
+    + (f", {dropout_bits} dropout draws" if dropout_bits != "jax" else "")
     + (f", attention {attention}, no attention dropout)" if attention else ")"),
     "temp_gb": temp_gb,
     "times": times,
@@ -302,6 +312,7 @@ def run_worker(
   every_token: bool = False,
   optax_chain: bool = False,
   norms: bool = False,
+  dropout_bits: str = "jax",
 ) -> dict:
   cmd = (
     [
@@ -329,6 +340,7 @@ def run_worker(
     + (["--every-token"] if every_token else [])
     + (["--optax-chain"] if optax_chain else [])
     + (["--norms"] if norms else [])
+    + ["--dropout-bits", dropout_bits]
   )
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if out.returncode:
@@ -366,6 +378,12 @@ def main() -> None:
     action="store_true",
     help="also time our step with optax's AdamW chain instead of the fused one, and with the norms on",
   )
+  p.add_argument(
+    "--hash-dropout",
+    action="store_true",
+    help="also time our step with dropout draws from a keyed index hash (config.model.dropout_bits=hash)",
+  )
+  p.add_argument("--dropout-bits", default="jax", help=argparse.SUPPRESS)
   p.add_argument("--optax-chain", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--norms", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--attention", default="", help=argparse.SUPPRESS)
@@ -388,6 +406,7 @@ def main() -> None:
         args.every_token,
         args.optax_chain,
         args.norms,
+        args.dropout_bits,
       )
     elif args.worker == "hf_flax":
       r = worker_hf_flax(shape, args.batch, args.seq, args.warmup, args.steps)
@@ -408,7 +427,7 @@ def main() -> None:
     ("no remat", args.remat),
     ("every token", args.every_token),
     ("einsum", args.fused),
-    ("our default step", args.optimizer_levers),
+    ("our default step", args.optimizer_levers or args.hash_dropout),
   )
   reference = next((name for name, on in options if on), None)
   header = (
@@ -426,6 +445,8 @@ def main() -> None:
     if args.optimizer_levers:
       results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, optax_chain=True))
       results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, norms=True))
+    if args.hash_dropout:
+      results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, dropout_bits="hash"))
     if args.fused:
       for attention in ("einsum", args.fused):
         results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, attention=attention))

@@ -77,6 +77,9 @@ def model_config(name: str) -> ml_collections.ConfigDict:
       # einsum | xla | cudnn | auto: jax.nn.dot_product_attention (fused; cudnn = flash attention on
       # NVIDIA GPUs) for all but einsum, which needs attention_probs_dropout_prob=0 (BERT)
       attention="einsum",
+      # Dropout's random draws: jax (jax.random.bits, 16 bits per decision) | hash (a keyed hash of
+      # each element's index, fused into the mask: faster on CPU; research/models/dropout.py)
+      dropout_bits="jax",
       # pooling=cls: run the last layer for the [CLS] tokens alone (the head reads nothing else;
       # same logits, ~1/num_layers less encoder work). False = every token, as HF does.
       last_layer_cls_only=True,

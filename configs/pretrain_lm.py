@@ -69,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       bias=False,
       positions="learned",  # learned | rope
       remat=False,  # recompute block activations in the backward pass: less memory, more compute
+      dropout_bits="jax",  # jax | hash: dropout's random draws (research/models/dropout.py)
     )
   )
   c.optimizer = common.optimizer(

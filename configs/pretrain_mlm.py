@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_position_embeddings=512,
       hidden_dropout_prob=0.1,
       remat=False,  # recompute layer activations in the backward pass: less memory, more compute
+      dropout_bits="jax",  # jax | hash: dropout's random draws (research/models/dropout.py)
     )
   )
   c.optimizer = common.optimizer(lr=1e-3 if a.model != "base" else 1e-4, b2=0.98, warmup_ratio=0.06)

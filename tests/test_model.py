@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from research.models import convert, dropout
+from configs import common
+from research.models import build, convert, dropout
 from research.models.bert import BertClassifier, BertConfig, BertEncoder, mean_pool
 
 GOLDEN = "tests/fixtures/minilm_golden.npz"  # made by tests/fixtures/make_bert_golden.py
@@ -179,12 +180,13 @@ def test_dropout_is_driven_by_the_rng():
   np.testing.assert_array_equal(run(1, train=False), run(2, train=False))
 
 
+@pytest.mark.parametrize("bits", ["jax", "hash"])
 @pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
 @pytest.mark.parametrize("shape", [(64, 12, 128), (4001, 7)])  # even and odd last axis
-def test_dropout_drops_at_the_rate_and_is_unbiased(impl, shape):
+def test_dropout_drops_at_the_rate_and_is_unbiased(impl, shape, bits):
   x = jnp.ones(shape)
   key = jax.random.key(3, impl=impl)
-  y = np.asarray(dropout.dropout(x, 0.1, key))
+  y = np.asarray(dropout.dropout(x, 0.1, key, bits))
   kept = y != 0
   n = kept.size
   # 16-bit draws: the rate is round(0.1 * 2^16) / 2^16; within 5 binomial std of it.
@@ -196,10 +198,52 @@ def test_dropout_drops_at_the_rate_and_is_unbiased(impl, shape):
   assert 0.05 < (1 - kept[..., : shape[-1] // 2].mean()) < 0.15
   assert 0.05 < (1 - kept[..., shape[-1] // 2 :].mean()) < 0.15
   assert not np.array_equal(kept[..., : shape[-1] // 2], kept[..., shape[-1] // 2 : 2 * (shape[-1] // 2)])
-  np.testing.assert_array_equal(dropout.dropout(x, 0.1, key), y)  # a function of the key
-  assert not np.array_equal(dropout.dropout(x, 0.1, jax.random.key(4, impl=impl)), y)
-  np.testing.assert_array_equal(dropout.dropout(x, 0.0, key), x)
-  np.testing.assert_array_equal(dropout.dropout(x, 1.0, key), 0 * x)
+  np.testing.assert_array_equal(dropout.dropout(x, 0.1, key, bits), y)  # a function of the key
+  assert not np.array_equal(dropout.dropout(x, 0.1, jax.random.key(4, impl=impl), bits), y)
+  np.testing.assert_array_equal(dropout.dropout(x, 0.0, key, bits), x)
+  np.testing.assert_array_equal(dropout.dropout(x, 1.0, key, bits), 0 * x)
+
+
+def _corr(a, b):
+  return float(np.corrcoef(a.reshape(-1), b.reshape(-1))[0, 1])
+
+
+def test_hash_dropout_draws_are_uniform_and_independent():
+  """The "hash" draws: uniform over 2^16 levels, and no correlation between neighbouring
+  elements (along any axis), between consecutive steps' keys or between two seeds; each within
+  5 standard errors of 0 (a correlation's is ~1/sqrt(n))."""
+  key = jax.random.key(0)
+  shape = (32, 12, 64, 64)  # an attention-probability mask
+  draws = np.asarray(dropout._hash_draws(jax.random.fold_in(key, 7), shape))
+  assert draws.min() >= 0 and draws.max() < 65536
+  counts = np.bincount(draws.reshape(-1) >> 12, minlength=16)  # 16 equal bins
+  expected = draws.size / 16
+  assert ((counts - expected) ** 2 / expected).sum() < 50  # chi-square, 15 dof: p ~ 1e-5
+  d = (draws >= 6554).astype(np.float64)  # the keep decisions at rate 0.1
+  tol = 5 / np.sqrt(d.size / 2)
+  for axis in range(4):
+    n = shape[axis]
+    assert abs(_corr(d.take(range(n - 1), axis), d.take(range(1, n), axis))) < tol, axis
+  for other in (jax.random.fold_in(key, 8), jax.random.fold_in(jax.random.key(1), 7)):
+    e = (np.asarray(dropout._hash_draws(other, shape)) >= 6554).astype(np.float64)
+    assert abs(_corr(d, e)) < 5 / np.sqrt(d.size)
+  with pytest.raises(ValueError, match="bits='fast': expected one of jax, hash"):
+    dropout.dropout(jnp.ones(4), 0.1, key, "fast")
+  mc = common.model_config("tiny")
+  mc.dropout_bits = "fast"
+  with pytest.raises(ValueError, match="config.model.dropout_bits='fast': expected one of jax, hash"):
+    build.build_model(mc, 2, 100, key)
+
+
+def test_hash_dropout_is_the_same_however_the_array_is_sharded():
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  x = jnp.arange(16 * 4 * 6, dtype=jnp.float32).reshape(16, 4, 6) + 1
+  key = jax.random.key(5)
+  f = jax.jit(lambda x, k: dropout.dropout(x, 0.3, k, "hash"))
+  whole = f(x, key)
+  sharded = f(jax.device_put(x, jax.NamedSharding(mesh, jax.P("data"))), key)
+  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(whole))
+  assert 0.2 < float((np.asarray(whole) == 0).mean()) < 0.4
 
 
 def test_export_loads_in_pytorch_with_same_logits(tmp_path):

@@ -49,6 +49,9 @@ class BertConfig:
   # "auto" (JAX picks). The fused ones have no attention-probability dropout, so they need
   # attention_probs_dropout_prob = 0 (checked by the trainer). Not part of HF's config.
   attention: str = "einsum"
+  # Dropout's random draws: "jax" (jax.random.bits) or "hash" (a keyed hash of each element's
+  # index, computed where the mask is applied; faster on CPU), see research/models/dropout.py.
+  dropout_bits: str = "jax"
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> BertConfig:
@@ -142,7 +145,7 @@ class SelfAttention(nn.Module):
     scores_BxNxQxL = jnp.einsum("bqnd,bknd->bnqk", q_BxQxNxD, k_BxLxNxD) / jnp.sqrt(d).astype(self.dtype)
     # Softmax in fp32: the masked bias is finfo.min, and exp() of bf16 scores is coarse.
     probs_BxNxQxL = jax.nn.softmax(scores_BxNxQxL.astype(jnp.float32) + bias_Bx1xQxL, axis=-1)
-    probs_BxNxQxL = Dropout(cfg.attention_probs_dropout_prob)(probs_BxNxQxL, deterministic=not train)
+    probs_BxNxQxL = Dropout(cfg.attention_probs_dropout_prob, cfg.dropout_bits)(probs_BxNxQxL, deterministic=not train)
     ctx_BxQxNxD = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxQxL.astype(self.dtype), v_BxLxNxD)
     return _dense(cfg.hidden_size, cfg, self.dtype, "out")(ctx_BxQxNxD.reshape(b, nq, n * d))
 
@@ -157,7 +160,7 @@ class Layer(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxH, bias_Bx1xQxL, train: bool, queries_BxQxH=None):
     cfg = self.cfg
-    drop = Dropout(cfg.hidden_dropout_prob)
+    drop = Dropout(cfg.hidden_dropout_prob, cfg.dropout_bits)
     attn = SelfAttention(cfg, self.dtype, name="attn")(x_BxLxH, bias_Bx1xQxL, train=train, queries_BxQxH=queries_BxQxH)
     residual = x_BxLxH if queries_BxQxH is None else queries_BxQxH
     x = _layer_norm(cfg, "attn_norm")(residual + drop(attn, deterministic=not train))
@@ -209,7 +212,7 @@ class BertEncoder(nn.Module):
       + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, name="type_embed")(token_type_ids_BxL)
     )
     x_BxLxH = _layer_norm(cfg, "embed_norm")(x_BxLxH)
-    x_BxLxH = Dropout(cfg.hidden_dropout_prob)(x_BxLxH, deterministic=not train).astype(self.dtype)
+    x_BxLxH = Dropout(cfg.hidden_dropout_prob, cfg.dropout_bits)(x_BxLxH, deterministic=not train).astype(self.dtype)
 
     # Additive mask: 0 where attended, the most negative float where padded (or, packed,
     # where query and key belong to different examples).
@@ -275,7 +278,7 @@ class BertClassifier(nn.Module):
         pooled = (sums_BxSxH / jnp.maximum(onehot_BxSxL.sum(-1, keepdims=True), 1e-9)).astype(self.dtype)
     elif self.pooling != "cls":
       raise ValueError(f"pooling={self.pooling!r}: expected 'cls' or 'mean'")
-    pooled = Dropout(self.cfg.hidden_dropout_prob)(pooled, deterministic=not train)
+    pooled = Dropout(self.cfg.hidden_dropout_prob, self.cfg.dropout_bits)(pooled, deterministic=not train)
     logits = _dense(self.num_labels, self.cfg, self.dtype, "classifier")(pooled).astype(jnp.float32)
     return logits.reshape(-1, self.num_labels)  # BxC, or (B*S)xC packed
 

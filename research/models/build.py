@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from research import parallel
-from research.models import convert
+from research.models import convert, dropout
 from research.models.bert import FUSED_ATTENTION, BertClassifier, BertConfig, BertForMaskedLM
 from research.models.bow import BagOfEmbeddings
 from research.models.gpt import GPT, GPTConfig
@@ -34,12 +34,23 @@ def _bert_config(mc: ml_collections.ConfigDict, vocab_size: int, base: BertConfi
       max_position_embeddings=mc.max_position_embeddings,
     )
   overrides = {k: mc[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if mc.get(k, -1.0) >= 0}
-  overrides |= {"remat": mc.get("remat", False), "attention": mc.get("attention", "einsum")} | extra
+  overrides |= {
+    "remat": mc.get("remat", False),
+    "attention": mc.get("attention", "einsum"),
+    "dropout_bits": _dropout_bits(mc),
+  } | extra
   cfg = BertConfig(**(base.to_dict() | overrides))
   check_attention(cfg)
   if cfg.vocab_size < vocab_size:
     raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
   return cfg
+
+
+def _dropout_bits(mc: ml_collections.ConfigDict) -> str:
+  bits = mc.get("dropout_bits", "jax")
+  if bits not in dropout.IMPLS:
+    raise ValueError(f"config.model.dropout_bits={bits!r}: expected one of {', '.join(dropout.IMPLS)}")
+  return bits
 
 
 def check_attention(cfg: BertConfig) -> None:
@@ -76,6 +87,7 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
       bias=mc.bias,
       positions=mc.positions,
       remat=mc.get("remat", False),
+      dropout_bits=_dropout_bits(mc),
     )
     model = GPT(cfg, dtype=jnp.dtype(mc.dtype))
     return model, init(lambda r: model.init(r, ids)), {"arch": "gpt", **cfg.to_dict()}
@@ -113,7 +125,14 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
 
 
 # Architecture fields that change no parameter shape: a resumed run may change them.
-_FREE_ARCH_FIELDS = {"remat", "attention", "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout"}
+_FREE_ARCH_FIELDS = {
+  "remat",
+  "attention",
+  "hidden_dropout_prob",
+  "attention_probs_dropout_prob",
+  "dropout",
+  "dropout_bits",
+}
 
 
 def check_same_model(workdir: Path, arch: dict) -> None:

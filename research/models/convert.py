@@ -257,8 +257,10 @@ def params_to_hf(params: dict, cfg: BertConfig, prefix: str = "bert.") -> dict[s
 
 
 def _hf_config(cfg: BertConfig) -> dict:
-  """Our config's HF fields (LoRA and remat are training-time options HF has no field for)."""
-  return {k: v for k, v in cfg.to_dict().items() if not k.startswith("lora_") and k != "remat"} | {"model_type": "bert"}
+  """Our config's HF fields (LoRA, remat and the dropout draws are training-time options HF has
+  no field for)."""
+  own = ("remat", "dropout_bits")
+  return {k: v for k, v in cfg.to_dict().items() if not k.startswith("lora_") and k not in own} | {"model_type": "bert"}
 
 
 def save_hf_folder(

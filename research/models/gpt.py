@@ -38,6 +38,7 @@ class GPTConfig:
   initializer_range: float = 0.02
   layer_norm_eps: float = 1e-5
   remat: bool = False  # recompute each block's activations in the backward pass (less memory)
+  dropout_bits: str = "jax"  # "jax" | "hash": see research/models/dropout.py
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
@@ -99,10 +100,10 @@ class CausalSelfAttention(nn.Module):
     allowed_TxS = key_pos[None, :] <= pos_T[:, None]
     scores_BxNxTxS = jnp.einsum("btnd,bsnd->bnts", q_BxTxNxD, keys.astype(self.dtype)) / jnp.sqrt(d).astype(self.dtype)
     scores_BxNxTxS = jnp.where(allowed_TxS[None, None], scores_BxNxTxS.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = Dropout(cfg.dropout)(jax.nn.softmax(scores_BxNxTxS, axis=-1), deterministic=not train)
+    probs = Dropout(cfg.dropout, cfg.dropout_bits)(jax.nn.softmax(scores_BxNxTxS, axis=-1), deterministic=not train)
     ctx_BxTxNxD = jnp.einsum("bnts,bsnd->btnd", probs.astype(self.dtype), values.astype(self.dtype))
     out = _dense(cfg, cfg.hidden_size, "out", self.dtype, residual=True)(ctx_BxTxNxD.reshape(b, t, n * d))
-    return Dropout(cfg.dropout)(out, deterministic=not train), new_kv
+    return Dropout(cfg.dropout, cfg.dropout_bits)(out, deterministic=not train), new_kv
 
 
 class Block(nn.Module):
@@ -121,7 +122,7 @@ class Block(nn.Module):
     x_BxTxH = x_BxTxH + a
     h = _dense(cfg, cfg.mlp_ratio * cfg.hidden_size, "mlp_in", self.dtype)(norm("mlp_norm")(x_BxTxH))
     h = _dense(cfg, cfg.hidden_size, "mlp_out", self.dtype, residual=True)(jax.nn.gelu(h, approximate=False))
-    return x_BxTxH + Dropout(cfg.dropout)(h, deterministic=not train), new_kv
+    return x_BxTxH + Dropout(cfg.dropout, cfg.dropout_bits)(h, deterministic=not train), new_kv
 
 
 class GPT(nn.Module):
@@ -139,7 +140,7 @@ class GPT(nn.Module):
     block = nn.remat(Block, static_argnums=(5,)) if cfg.remat else Block  # train is static
     self.blocks = [block(cfg, self.dtype, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = nn.LayerNorm(cfg.layer_norm_eps, use_bias=cfg.bias, dtype=jnp.float32)
-    self.drop = Dropout(cfg.dropout)
+    self.drop = Dropout(cfg.dropout, cfg.dropout_bits)
 
   def _run(self, ids_BxT, pos_T, cache: Cache | None, start, train: bool):
     x = self.token_embed(ids_BxT)
