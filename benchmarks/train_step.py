@@ -7,6 +7,8 @@
     .venv/bin/python benchmarks/train_step.py --hf-flax            # + Hugging Face's Flax BERT, jitted
     .venv/bin/python benchmarks/train_step.py --optimizer-levers --skip-torch   # + optax's AdamW chain, + norms
     .venv/bin/python benchmarks/train_step.py --hash-dropout      # + dropout draws from an index hash
+    .venv/bin/python benchmarks/train_step.py --hash-dropout --skip-torch --rounds 4 --profile
+                        # the A/B four times interleaved, and where each step's op time goes
 
 Both sides train BertForSequenceClassification-shaped models (2 labels) with AdamW, fp32,
 dropout on, on the same batch/sequence shape; each runs in its own subprocess so peak RSS
@@ -75,6 +77,37 @@ def _time(step, warmup: int, steps: int) -> list[float]:
   return times
 
 
+def _profile(step, steps: int = 2, top: int = 12) -> list[list]:
+  """Runs `steps` more steps under jax.profiler and sums the compiled step's op time by kind
+  (the HLO name without its number: `ynn_fusion` = YNNPACK dots with what XLA fused into them,
+  `call` = rng_bit_generator, `wrapped_broadcast` = materialized broadcasts, ...). Returns
+  [kind, ms per step, ops per step] for the `top` kinds and the total. Op time is summed over
+  XLA's threads, so it can exceed the wall time."""
+  import collections
+  import glob
+  import gzip
+  import re
+  import tempfile
+
+  import jax
+
+  out = tempfile.mkdtemp(prefix="train_step_profile_")
+  with jax.profiler.trace(out):
+    for _ in range(steps):
+      step()
+  trace = sorted(glob.glob(f"{out}/**/*.trace.json.gz", recursive=True))[-1]
+  ms, n = collections.Counter(), collections.Counter()
+  with gzip.open(trace) as f:
+    events = json.load(f)["traceEvents"]
+  for e in events:
+    if e.get("ph") == "X" and not e["name"].startswith(("$", "ThunkExecutor", "PjitFunction", "SlinkyThreadPool")):
+      kind = re.sub(r"\.\d+$", "", e["name"])
+      ms[kind] += e["dur"] / 1e3 / steps
+      n[kind] += 1 / steps
+  rows = [[k, v, round(n[k])] for k, v in ms.most_common(top)]
+  return rows + [["all ops", sum(ms.values()), round(sum(n.values()))]]
+
+
 # --- workers (each runs in its own process) ------------------------------------------------
 
 
@@ -92,6 +125,7 @@ def worker_jax(
   optax_chain: bool = False,
   norms: bool = False,
   dropout_bits: str = "jax",
+  profile: bool = False,
 ) -> dict:
   """`attention` set (einsum | xla | cudnn | auto): that kernel, without attention-probability
   dropout (the fused kernels have none), so the rows of one --fused comparison match."""
@@ -166,6 +200,7 @@ def worker_jax(
 
   times = _time(step, warmup, steps)
   return {
+    "profile": _profile(step) if profile else None,
     "framework": f"ours (jax {jax.__version__}, {dtype}, {rng_impl} dropout{', remat' if remat else ''}"
     + (", last layer over every token" if every_token else "")
     + (", optax AdamW chain" if optax_chain else "")
@@ -341,6 +376,7 @@ def run_worker(
     + (["--optax-chain"] if optax_chain else [])
     + (["--norms"] if norms else [])
     + ["--dropout-bits", dropout_bits]
+    + (["--profile"] if args.profile else [])
   )
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if out.returncode:
@@ -383,6 +419,16 @@ def main() -> None:
     action="store_true",
     help="also time our step with dropout draws from a keyed index hash (config.model.dropout_bits=hash)",
   )
+  p.add_argument(
+    "--rounds",
+    type=int,
+    default=1,
+    help="run our rows this many times, interleaved, each in a fresh process; the medians pool every round's "
+    "steps (for A/B tests on a host whose speed drifts)",
+  )
+  p.add_argument(
+    "--profile", action="store_true", help="after timing, profile 2 steps of each of our rows (jax.profiler)"
+  )
   p.add_argument("--dropout-bits", default="jax", help=argparse.SUPPRESS)
   p.add_argument("--optax-chain", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--norms", action="store_true", help=argparse.SUPPRESS)
@@ -407,6 +453,7 @@ def main() -> None:
         args.optax_chain,
         args.norms,
         args.dropout_bits,
+        args.profile,
       )
     elif args.worker == "hf_flax":
       r = worker_hf_flax(shape, args.batch, args.seq, args.warmup, args.steps)
@@ -437,19 +484,20 @@ def main() -> None:
   print(header + "\n|" + "---|" * (10 if flax_py else 9))
   for shape in args.shapes:
     flops = flops_per_step(shape, args.batch, args.seq)
-    results = [run_worker(sys.executable, "jax", args, shape, args.dtype)]
-    if args.remat:
-      results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, remat=True))
-    if args.every_token:
-      results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, every_token=True))
-    if args.optimizer_levers:
-      results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, optax_chain=True))
-      results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, norms=True))
-    if args.hash_dropout:
-      results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, dropout_bits="hash"))
-    if args.fused:
-      for attention in ("einsum", args.fused):
-        results.append(run_worker(sys.executable, "jax", args, shape, args.dtype, attention=attention))
+    ours = [{}]  # our rows: run_worker's keyword arguments
+    ours += [{"remat": True}] if args.remat else []
+    ours += [{"every_token": True}] if args.every_token else []
+    ours += [{"optax_chain": True}, {"norms": True}] if args.optimizer_levers else []
+    ours += [{"dropout_bits": "hash"}] if args.hash_dropout else []
+    ours += [{"attention": a} for a in ("einsum", args.fused)] if args.fused else []
+    results = []
+    for round_ in range(args.rounds):  # interleaved: a drift in the host's speed hits every row alike
+      for i, kw in enumerate(ours):
+        r = run_worker(sys.executable, "jax", args, shape, args.dtype, **kw)
+        if round_:
+          results[i]["times"] += r["times"]
+        else:
+          results.append(r)
     flax_row = run_worker(flax_py, "hf_flax", args, shape) if flax_py else None
     if torch_py:
       results.append(run_worker(torch_py, "torch", args, shape))
@@ -474,6 +522,10 @@ def main() -> None:
           f"  ({shape}, {r['framework']}: formula {flops / 1e9:.0f} GFLOP/step, XLA cost analysis "
           f"{r['xla_flops'] / 1e9:.0f}; compile {r['compile_s']:.1f} s)"
         )
+    for r in results:
+      if r.get("profile"):  # the last round's
+        print(f"\nop time by kind, {shape}, {r['framework']} (ms per step, summed over XLA's threads; ops per step):")
+        print("  " + "; ".join(f"{kind} {ms:.0f} ({n})" for kind, ms, n in r["profile"]))
 
 
 if __name__ == "__main__":
