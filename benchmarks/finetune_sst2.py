@@ -237,7 +237,15 @@ def main() -> None:
     for label in ("cold",) if args.cold_only else ("cold", "warm"):
       rows.append(
         run_ours(
-          args.steps, args.seed, glue_dir, cache, label, args.pack_rows or 4, args.rng_impl, True, args.dropout_bits
+          args.steps,
+          args.seed,
+          glue_dir,
+          cache,
+          label,
+          args.pack_rows or 4,
+          args.rng_impl,
+          frozen_embeddings=True,
+          dropout_bits=args.dropout_bits,
         )
       )
   if not args.skip_torch:
