@@ -246,9 +246,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   try:
     while step < total_steps and not stopped_early:
       batch, next_data_state = next(batches)
-      state, m = (train_fn_norms if (step + 1) % config.log_every_steps == 0 else train_fn)(state, batch)
+      nxt = step + 1  # the norms program on every step whose metrics will be logged
+      logged = nxt % config.log_every_steps == 0 or nxt == total_steps
+      logged = logged or bool(config.eval_every_steps and nxt % config.eval_every_steps == 0)
+      state, m = (train_fn_norms if logged else train_fn)(state, batch)
       if pending is not None:
         _accumulate(sums, host_metrics(pending))
+        progress.start(pending[1])  # once the first step (and its compile) is done
       pending, step, data_state = (m, step + 1), step + 1, next_data_state
 
       is_last = step == total_steps

@@ -51,8 +51,8 @@ def _hms(seconds: float) -> str:
 class Progress:
   """`step 1200/6315 [19%] 212 ex/s, ETA 0:24:03 | loss 0.31 acc 0.89`, on stderr.
 
-  The rate is measured from the first step after `start`, so compilation does not skew
-  the ETA; the same figures go to metrics.jsonl as `steps_per_sec` and `examples_per_sec`.
+  The rate is measured from the end of the first step this process runs, so compilation does
+  not skew the ETA; the same figures go to metrics.jsonl as `steps_per_sec` and `examples_per_sec`.
   """
 
   def __init__(self, total_steps: int, batch_size: int, first_step: int, enabled: bool = True):
@@ -61,10 +61,15 @@ class Progress:
     self.t0, self.step0 = None, first_step
     self.start_time = time.time()
 
+  def start(self, step: int) -> None:
+    """Start the timer at `step` (a step that has finished), unless it runs already."""
+    if self.t0 is None:
+      self.t0, self.step0 = time.time(), step
+
   def rate(self, step: int) -> float:
     """Steps per second since the timer started (0 until it has)."""
     if self.t0 is None:
-      self.t0, self.step0 = time.time(), step
+      self.start(step)
       return 0.0
     dt = time.time() - self.t0
     return (step - self.step0) / dt if dt > 0 else 0.0

@@ -23,15 +23,18 @@ def _final_params(workdir, step=None):
 
 def test_tiny_end_to_end(small_glue, tmp_path):
   wd = tmp_path / "run"
-  result = train.train_and_evaluate(tiny_config(small_glue), wd)
+  result = train.train_and_evaluate(tiny_config(small_glue, log_every_steps=3), wd)
   assert result["step"] == 8 and result["final"]["examples"] == 41.0
   assert 0.0 <= result["final"]["accuracy"] <= 1.0
   records = [json.loads(r) for r in (wd / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8]
+  train_records = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train_records] == [3, 4, 6, 8]  # every 3 steps, and at each eval
   assert [r["step"] for r in records if r["split"] == "dev"] == [4, 8]
   assert {"loss", "accuracy", "grad_norm", "param_norm", "update_norm", "lr", "examples_per_sec"} <= set(records[-2])
-  # the logging steps ran the program with the norms (the others leave them out)
-  assert all(np.isfinite(r["param_norm"]) and r["update_norm"] > 0 for r in records if r["split"] == "train")
+  # Every logged step ran the program with the norms (the others leave them out), the eval and
+  # last steps included, and the rate is timed from the end of the first step (compile excluded).
+  assert all(np.isfinite(r["param_norm"]) and r["update_norm"] > 0 for r in train_records)
+  assert all(r["examples_per_sec"] > 0 for r in train_records)
   assert json.loads((wd / "config.json").read_text())["task"] == "sst2"
   assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
   # The latest step and the best-by-accuracy step are both kept, nothing else.
