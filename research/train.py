@@ -242,22 +242,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   stopped_early = (
     bool(config.early_stopping_patience) and stale >= config.early_stopping_patience
   )  # rerun of a stopped run
+
+  def evals_at(s: int) -> bool:
+    return s == total_steps or bool(config.eval_every_steps and s % config.eval_every_steps == 0)
+
+  def logs_at(s: int) -> bool:  # these steps run the program with the norms
+    return evals_at(s) or s % config.log_every_steps == 0
+
   pending = None  # the previous step's metrics, fetched one step late to keep the device busy
   try:
     while step < total_steps and not stopped_early:
       batch, next_data_state = next(batches)
-      nxt = step + 1  # the norms program on every step whose metrics will be logged
-      logged = nxt % config.log_every_steps == 0 or nxt == total_steps
-      logged = logged or bool(config.eval_every_steps and nxt % config.eval_every_steps == 0)
-      state, m = (train_fn_norms if logged else train_fn)(state, batch)
+      state, m = (train_fn_norms if logs_at(step + 1) else train_fn)(state, batch)
       if pending is not None:
         _accumulate(sums, host_metrics(pending))
         progress.start(pending[1])  # once the first step (and its compile) is done
       pending, step, data_state = (m, step + 1), step + 1, next_data_state
 
-      is_last = step == total_steps
-      do_eval = is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
-      do_log = do_eval or step % config.log_every_steps == 0 or preempt.requested
+      do_eval = evals_at(step)
+      do_log = logs_at(step) or preempt.requested
       do_save = do_eval or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
       if do_log or do_save:
         _accumulate(sums, host_metrics(pending))

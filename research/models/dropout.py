@@ -13,8 +13,9 @@ alone are B x N x L x L per layer): in a MiniLM 32 x 128 step they took ~250 ms 
   written to memory and the rng call per layer disappears (on the CPU the attention masks'
   rng_bit_generator call and the copy after it were ~12% of the MiniLM step). The draws are a
   function of the key and the element's position in the global array, so they do not depend
-  on how the array is sharded (an array of 2^32 elements or more takes the "jax" draws). The hash is statistically sound for dropout (tested: rate,
-  neighbouring elements, different keys), not a cryptographic generator.
+  on how the array is sharded (an array of 2^32 elements or more takes the "jax" draws). The
+  hash is statistically sound for dropout (tested: rate, uniformity, neighbouring elements,
+  steps and seeds), not a cryptographic generator.
 
 Either way an element is dropped when its draw is below round(rate * 2^16), and the kept ones
 are scaled by 2^16 / (2^16 - that threshold), the exact inverse of the keep probability, so the
