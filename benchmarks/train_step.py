@@ -31,9 +31,11 @@ of the FLOPs it ran is printed below the table.
 "XLA temp GB" is the compiled step's scratch memory (XLA's memory analysis: activations kept
 for the backward pass and workspace), which rematerialization (`--remat`) trades for compute.
 Our step is the trainer's step between logging steps: the fused AdamW (`research/optim.adamw`)
-and no parameter/update norms. `--optimizer-levers` adds a row with optax's chain
-(clip_by_global_norm -> adamw with the decay mask) in its place, and a row with the norms on (the
-program the trainer runs on its logging steps).
+and no parameter/update norms, with the word embeddings' gradient taken as the rows the batch
+looked up (`optimizer.sparse_embed_grad`). `--optimizer-levers` adds a row with optax's chain
+(clip_by_global_norm -> adamw with the decay mask, dense gradients) in its place, a row with the
+norms on (the program the trainer runs on its logging steps), and a row with the embedding
+gradient dense (a zero-filled 30,522 x H array with the batch's rows added in).
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def worker_jax(
   norms: bool = False,
   dropout_bits: str = "jax",
   profile: bool = False,
+  sparse_embed: bool = True,
 ) -> dict:
   """`attention` set (einsum | xla | cudnn | auto): that kernel, without attention-probability
   dropout (the fused kernels have none), so the rows of one --fused comparison match."""
@@ -182,6 +185,7 @@ def worker_jax(
       schedule=schedule,
       rng_impl=rng_impl,
       norms=norms,  # off: the trainer's step on all but its logging steps
+      sparse_embed=sparse_embed and not optax_chain,  # the embeddings' gradient as rows (as the trainer)
     ),
     mesh,
   )
@@ -205,6 +209,7 @@ def worker_jax(
     + (", last layer over every token" if every_token else "")
     + (", optax AdamW chain" if optax_chain else "")
     + (", param/update norms" if norms else "")
+    + ("" if sparse_embed or optax_chain else ", dense embedding gradient")
     + (f", {dropout_bits} dropout draws" if dropout_bits != "jax" else "")
     + (f", attention {attention}, no attention dropout)" if attention else ")"),
     "temp_gb": temp_gb,
@@ -348,6 +353,7 @@ def run_worker(
   optax_chain: bool = False,
   norms: bool = False,
   dropout_bits: str = "jax",
+  sparse_embed: bool = True,
 ) -> dict:
   cmd = (
     [
@@ -376,6 +382,7 @@ def run_worker(
     + (["--optax-chain"] if optax_chain else [])
     + (["--norms"] if norms else [])
     + ["--dropout-bits", dropout_bits]
+    + ([] if sparse_embed else ["--dense-embed-grad"])
     + (["--profile"] if args.profile else [])
   )
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -432,6 +439,7 @@ def main() -> None:
   p.add_argument("--dropout-bits", default="jax", help=argparse.SUPPRESS)
   p.add_argument("--optax-chain", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--norms", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--dense-embed-grad", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--attention", default="", help=argparse.SUPPRESS)
   p.add_argument("--worker", choices=["jax", "torch", "hf_flax"], help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -454,6 +462,7 @@ def main() -> None:
         args.norms,
         args.dropout_bits,
         args.profile,
+        not args.dense_embed_grad,
       )
     elif args.worker == "hf_flax":
       r = worker_hf_flax(shape, args.batch, args.seq, args.warmup, args.steps)
@@ -487,7 +496,7 @@ def main() -> None:
     ours = [{}]  # our rows: run_worker's keyword arguments
     ours += [{"remat": True}] if args.remat else []
     ours += [{"every_token": True}] if args.every_token else []
-    ours += [{"optax_chain": True}, {"norms": True}] if args.optimizer_levers else []
+    ours += [{"optax_chain": True}, {"norms": True}, {"sparse_embed": False}] if args.optimizer_levers else []
     ours += [{"dropout_bits": "hash"}] if args.hash_dropout else []
     ours += [{"attention": a} for a in ("einsum", args.fused)] if args.fused else []
     results = []

@@ -9,6 +9,12 @@ Layer-wise lr decay (`layer_decay` < 1, Clark et al. 2020) scales each update by
 `adamw`, the default, is written out as one expression per parameter (`adamw` below) with the
 clipping and lr scales inside it; the other optimizers are optax's, chained with them.
 
+The fused `adamw` also takes a row-sparse gradient (`RowSparse`) for an embedding table that
+the model only looks up (steps.train_step's `sparse_embed`): the rows a batch touched and their
+ids, instead of a table-sized array that is zero but for them. The result is the dense
+update's: every row still gets its moments' decay and weight decay, and the gradient's terms are
+added to the moments of its rows alone; no table-sized gradient is written or read.
+
 `ema` > 0 keeps an exponential moving average of the trained weights (Polyak averaging) in
 the optimizer state, so it is checkpointed and resumed like the moments. Its decay ramps up as
 min(ema, (1 + t) / (10 + t)) over the first updates (TF's ExponentialMovingAverage), so early
@@ -28,6 +34,35 @@ import ml_collections
 import optax
 
 from research import finetune
+
+
+@flax.struct.dataclass
+class RowSparse:
+  """The gradient of a V x H table that is zero outside a few rows: `rows[k]` is row `ids[k]`'s.
+  `ids` are unique; unused slots hold V (out of range, so gathers fill 0 and scatters drop them)
+  and zero rows. Made by `row_sparse`, taken by `adamw` and `tree_norm`."""
+
+  ids: jax.Array  # K int32
+  rows: jax.Array  # K x H
+
+
+def row_sparse(ids: jax.Array, rows: jax.Array, num_rows: int) -> RowSparse:
+  """The table gradient of a lookup `table[ids]` whose output got the gradient `rows`
+  (ids: any shape, rows: ids.shape x H): duplicates summed, as the dense scatter-add would."""
+  ids = ids.reshape(-1)
+  rows = rows.reshape(ids.shape[0], -1)
+  uniq, inverse = jnp.unique(ids, return_inverse=True, size=ids.shape[0], fill_value=num_rows)
+  return RowSparse(uniq, jax.ops.segment_sum(rows, inverse.reshape(-1), num_segments=ids.shape[0]))
+
+
+def _is_sparse(x) -> bool:
+  return isinstance(x, RowSparse)
+
+
+def tree_norm(grads) -> jax.Array:
+  """optax.tree.norm (the global L2 norm), counting a RowSparse leaf by its rows."""
+  leaves = jax.tree.leaves(grads, is_leaf=_is_sparse)
+  return jnp.sqrt(optax.tree.norm([x.rows if _is_sparse(x) else x for x in leaves], squared=True))
 
 
 class AdamWState(NamedTuple):
@@ -52,7 +87,9 @@ def adamw(
   scale_by_tree(lr_scales))` (tested against it), but XLA fuses it into three passes over each
   parameter (the two moments and the update) where the optax chain writes every stage to memory:
   a packed SST-2 step of MiniLM is ~5% faster on CPU (`benchmarks/train_step.py
-  --optimizer-levers`). `mask` (a tree of bools) selects the parameters that decay."""
+  --optimizer-levers`). `mask` (a tree of bools) selects the parameters that decay.
+  A gradient leaf may be a `RowSparse` (see the module docstring): its table is updated as if
+  the gradient were dense, with the other rows' gradient zero."""
 
   def init(params):
     zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
@@ -62,21 +99,26 @@ def adamw(
     if params is None:
       raise ValueError("adamw needs the parameters in update() for weight decay")
     count = optax.safe_int32_increment(state.count)
-    clip = jnp.minimum(1.0, clip_norm / optax.tree.norm(grads)) if clip_norm else 1.0
+    clip = jnp.minimum(1.0, clip_norm / tree_norm(grads)) if clip_norm else 1.0
     step_size = -lr(state.count)
     bc1, bc2 = 1.0 - b1**count, 1.0 - b2**count
-    scales = lr_scales if lr_scales is not None else jax.tree.map(lambda _: 1.0, grads)
+    scales = lr_scales if lr_scales is not None else jax.tree.map(lambda _: 1.0, grads, is_leaf=_is_sparse)
 
     def leaf(g, m, v, p, decay, scale):
-      g = g * clip
-      m = b1 * m + (1.0 - b1) * g
-      v = b2 * v + (1.0 - b2) * g * g
+      if _is_sparse(g):  # the moments' decay on every row, the gradient's terms on its rows
+        ids, g = g.ids, g.rows * clip
+        m = (b1 * m).at[ids].add((1.0 - b1) * g, mode="drop", indices_are_sorted=True)
+        v = (b2 * v).at[ids].add((1.0 - b2) * g * g, mode="drop", indices_are_sorted=True)
+      else:
+        g = g * clip
+        m = b1 * m + (1.0 - b1) * g
+        v = b2 * v + (1.0 - b2) * g * g
       u = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps)
       if decay and weight_decay:
         u = u + weight_decay * p
       return (step_size * scale * u).astype(p.dtype), m, v
 
-    out = jax.tree.map(leaf, grads, state.mu, state.nu, params, mask, scales)
+    out = jax.tree.map(leaf, grads, state.mu, state.nu, params, mask, scales, is_leaf=_is_sparse)
     parts = [jax.tree.map(lambda o, i=i: o[i], out, is_leaf=lambda x: isinstance(x, tuple)) for i in range(3)]
     return parts[0], AdamWState(count, parts[1], parts[2])
 
@@ -176,7 +218,10 @@ def with_ema(tx: optax.GradientTransformation, decay: float) -> optax.GradientTr
   """`tx`, plus an average of the parameters after each of its updates (in fp32)."""
 
   def init(params):
-    return EmaState(tx.init(params), jnp.zeros((), jnp.int32), jax.tree.map(lambda p: p.astype(jnp.float32), params))
+    # A copy even where the parameters are fp32 already: a state whose average shares the
+    # parameters' buffers cannot be donated to the step.
+    ema = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
+    return EmaState(tx.init(params), jnp.zeros((), jnp.int32), ema)
 
   def update(updates, state, params=None):
     if params is None:

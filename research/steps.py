@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from research import finetune
+from research import finetune, optim
 from research.losses import LossFn, rdrop_consistency
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "masked_positions")
@@ -39,11 +39,12 @@ def create_state(params, tx: optax.GradientTransformation, rng: jax.Array, mask=
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable), rng=rng)
 
 
-def _forward(params, batch, rng, *, model: nn.Module, train: bool):
+def _forward(params, batch, rng, *, model: nn.Module, train: bool, perturbations=None):
   inputs = [batch[k] for k in MODEL_INPUTS if k in batch]  # a decoder LM takes input_ids only
   if "positions" in batch:  # packed rows (pipeline.pack_plan): R rows x S example slots
     inputs += [batch["positions"], batch["labels"].shape[1]]
-  return model.apply({"params": params}, *inputs, train=train, rngs={"dropout": rng} if train else None)
+  variables = {"params": params} | ({"perturbations": perturbations} if perturbations is not None else {})
+  return model.apply(variables, *inputs, train=train, rngs={"dropout": rng} if train else None)
 
 
 def _per_example(batch):
@@ -63,6 +64,16 @@ def _correct(logits_BxC, labels_B, weights_B) -> jax.Array:
   return ((logits_BxC.argmax(-1) == labels_B) * weights_B).sum()
 
 
+def _nest(path: tuple, value) -> dict:
+  return flax.traverse_util.unflatten_dict({tuple(path): value})
+
+
+def _mask_out(tree, path: tuple) -> dict:
+  """A tree of bools like `tree`: False at `path` alone."""
+  flat = flax.traverse_util.flatten_dict(tree)
+  return flax.traverse_util.unflatten_dict({p: p != tuple(path) for p in flat})
+
+
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
@@ -79,6 +90,7 @@ def train_step(
   norms: bool = True,
   rdrop_alpha: float = 0.0,
   sam_rho: float = 0.0,
+  sparse_embed: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a (global) batch, optionally in `grad_accum` micro-batches.
 
@@ -104,6 +116,13 @@ def train_step(
   rho along the normalized gradient, w + rho * g / |g| (the worst point within rho, to first
   order), computed on the same batch with the same dropout masks: two forward and backward
   passes per step. The loss and accuracy are those at w; `grad_norm` is the gradient applied.
+
+  `sparse_embed` (where the model names a `row_sparse_table` that trains, and without SAM): that
+  embedding table's gradient is taken at the lookup's output (a Flax perturbation named by the
+  model's `row_sparse_rows`) and handed to `tx` as an `optim.RowSparse`, the rows the batch
+  touched, instead of a zero-filled V x H array with those rows added in. `tx` must take it (the
+  fused `optim.adamw` does, with the dense update's result) and the batch must be global (`jit`;
+  under `pmap` the rows would not be summed over devices).
   """
   loss_kwargs = loss_kwargs or {}
   key = jax.random.wrap_key_data(state.rng, impl=rng_impl)
@@ -112,14 +131,25 @@ def train_step(
     trainable, frozen = state.params, {}
   else:
     trainable, frozen = finetune.partition(state.params, mask)
+  differentiated = trainable
+  table_path = getattr(model, "row_sparse_table", None) if sparse_embed and not sam_rho else None
+  if table_path in flax.traverse_util.flatten_dict(trainable):  # a constant of the loss below
+    differentiated, table = finetune.partition(trainable, _mask_out(trainable, table_path))
+    table = flax.traverse_util.flatten_dict(table)[table_path]
+  else:
+    table_path = None
 
-  def loss_and_aux(train_params, micro, micro_rng):
+  def loss_and_aux(train_params, micro, micro_rng, token_rows=None):
     params = train_params if mask is None else finetune.combine(train_params, frozen)
+    perturbations = None
+    if table_path:  # the table is looked up, not differentiated; its lookup's output is
+      params = finetune.combine(_nest(table_path, table), params)
+      perturbations = _nest(model.row_sparse_rows, token_rows)
     if not rdrop_alpha:
-      logits = _forward(params, micro, micro_rng, model=model, train=True)
+      logits = _forward(params, micro, micro_rng, model=model, train=True, perturbations=perturbations)
     else:
       twice = jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0), micro)
-      both = _forward(params, twice, micro_rng, model=model, train=True)
+      both = _forward(params, twice, micro_rng, model=model, train=True, perturbations=perturbations)
       rows = micro["input_ids"].shape[0]  # packed: logits are (2R * S) x C, slots row-major
       both = both.reshape(rows, 2, -1, both.shape[-1])
       logits, logits_b = both[:, 0].reshape(-1, both.shape[-1]), both[:, 1].reshape(-1, both.shape[-1])
@@ -132,12 +162,20 @@ def train_step(
       loss_sum = 0.5 * (loss_sum + loss_b) + 0.25 * rdrop_alpha * consistency
     return loss_sum, (count, _correct(logits, labels, weights))
 
-  grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_and_aux, argnums=(0, 3) if table_path else 0, has_aux=True)
+
+  def micro_gradients(train_params, micro, micro_rng):
+    """((loss, aux), dense grads), and for the table (ids, gradient at their lookups) or None."""
+    if not table_path:
+      return grad_fn(train_params, micro, micro_rng), None
+    ids = jnp.repeat(micro["input_ids"], 2, axis=0) if rdrop_alpha else micro["input_ids"]
+    out, (grads, rows) = grad_fn(train_params, micro, micro_rng, jnp.zeros((*ids.shape, table.shape[1]), table.dtype))
+    return (out, grads), (ids, rows)
 
   def gradients(train_params):
     """The batch-mean gradient at `train_params`, with the loss sum, count and correct count."""
     if grad_accum == 1:
-      (loss_sum, (count, correct)), grads = grad_fn(train_params, batch, rng)
+      ((loss_sum, (count, correct)), grads), looked_up = micro_gradients(train_params, batch, rng)
     else:
       # Row i*M + m goes to micro-batch m: each device keeps its own rows, no resharding.
       def split(x):
@@ -145,18 +183,23 @@ def train_step(
 
       def accumulate(carry, xs):
         micro, i = xs
-        (loss, (c, k)), g = grad_fn(train_params, micro, jax.random.fold_in(rng, i))
+        ((loss, (c, k)), g), looked_up = micro_gradients(train_params, micro, jax.random.fold_in(rng, i))
         acc_g, acc_l, acc_c, acc_k = carry
-        return (jax.tree.map(jnp.add, acc_g, g), acc_l + loss, acc_c + c, acc_k + k), None
+        return (jax.tree.map(jnp.add, acc_g, g), acc_l + loss, acc_c + c, acc_k + k), looked_up
 
       zeros = jax.tree.map(jnp.zeros_like, train_params)
       init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
       xs = (jax.tree.map(split, batch), jnp.arange(grad_accum))
-      (grads, loss_sum, count, correct), _ = jax.lax.scan(accumulate, init, xs)
+      (grads, loss_sum, count, correct), looked_up = jax.lax.scan(accumulate, init, xs)
     grads, loss_sum, count, correct = reduce((grads, loss_sum, count, correct))
-    return jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads), loss_sum, count, correct
+    grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    if table_path:
+      ids, rows = looked_up
+      sparse = optim.row_sparse(ids, rows / jnp.maximum(count, 1.0), table.shape[0])
+      grads = finetune.combine(_nest(table_path, sparse), grads)
+    return grads, loss_sum, count, correct
 
-  grads, loss_sum, count, correct = gradients(trainable)
+  grads, loss_sum, count, correct = gradients(differentiated)
   if sam_rho:
     scale = sam_rho / jnp.maximum(optax.tree.norm(grads), 1e-12)
     grads = gradients(jax.tree.map(lambda w, g: w + scale * g, trainable, grads))[0]
@@ -165,7 +208,7 @@ def train_step(
   if mask is not None:
     params = finetune.combine(params, frozen)
 
-  grad_norm = optax.tree.norm(grads)
+  grad_norm = optim.tree_norm(grads)
   finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
   if norms:
     param_norm, update_norm = optax.tree.norm(params), optax.tree.norm(updates)

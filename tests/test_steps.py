@@ -448,3 +448,46 @@ def test_remat_gives_the_same_gradients():
     # and the rematerialized backward pass really recomputes: more matmuls in the gradient program
     jaxprs = [str(jax.make_jaxpr(jax.grad(functools.partial(loss, model=m)))(params)) for m in (plain, remat)]
     assert jaxprs[1].count("dot_general") > jaxprs[0].count("dot_general"), [j.count("dot_general") for j in jaxprs]
+
+
+@pytest.mark.parametrize(
+  "devices, grad_accum, kwargs, opt",
+  [
+    (1, 1, {}, {}),
+    (8, 2, {"rdrop_alpha": 1.0}, {}),
+    (8, 1, {"norms": True}, {"ema": 0.9, "layer_decay": 0.8, "clip_norm": 1e-3}),
+  ],
+)
+def test_row_sparse_embedding_gradient_gives_the_dense_step(devices, grad_accum, kwargs, opt):
+  """`sparse_embed`: the word embeddings' gradient as the looked-up rows (optim.RowSparse) and the
+  fused AdamW's update from it are the dense step's: rows no batch touched bit for bit (moment
+  and weight decay alone), the touched rows and everything else to fp32 rounding (duplicates and
+  the norm are summed in another order); with dropout, micro-batches, R-Drop, EMA, layer decay
+  and clipping that binds."""
+  batches = [_batch(seed=s) for s in range(3)]
+  mesh = parallel.make_mesh(devices)
+  dense, hd = _run(mesh, batches, grad_accum, opt, **kwargs)
+  sparse, hs = _run(mesh, batches, grad_accum, opt, sparse_embed=True, **kwargs)
+  close = functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-6)
+  jax.tree.map(close, dense.params, sparse.params)
+  jax.tree.map(close, dense.opt_state, sparse.opt_state)
+  for a, b in zip(hd, hs):
+    for k in ("loss_sum", "grad_norm", "param_norm", "update_norm"):
+      close(a[k], b[k])
+  untouched = np.setdiff1d(np.arange(CFG.vocab_size), np.concatenate([b["input_ids"].ravel() for b in batches]))
+  assert len(untouched)  # a few of the 100 ids appear in no batch
+  table = lambda s: s.params["bert"]["token_embed"]["embedding"][untouched]  # noqa: E731
+  np.testing.assert_array_equal(table(dense), table(sparse))
+  assert not np.array_equal(table(sparse), _setup()[3].params["bert"]["token_embed"]["embedding"][untouched])
+
+
+def test_row_sparse_gradient_sums_duplicate_ids():
+  ids = jnp.array([[3, 1, 3], [0, 3, 1]])
+  rows = jnp.arange(6 * 2, dtype=jnp.float32).reshape(2, 3, 2)
+  g = optim.row_sparse(ids, rows, num_rows=5)
+  dense = jnp.zeros((5, 2)).at[ids.reshape(-1)].add(rows.reshape(-1, 2))
+  np.testing.assert_array_equal(jnp.zeros((5, 2)).at[g.ids].add(g.rows, mode="drop"), dense)
+  assert sorted(np.asarray(g.ids).tolist()) == [0, 1, 3, 5, 5, 5]  # unique, then out-of-range fill
+  np.testing.assert_allclose(
+    optim.tree_norm({"a": g, "b": jnp.ones(3)}), optax.tree.norm({"a": dense, "b": jnp.ones(3)})
+  )

@@ -204,8 +204,12 @@ class BertEncoder(nn.Module):
     if seq > cfg.max_position_embeddings:
       raise ValueError(f"sequence length {seq} > max_position_embeddings {cfg.max_position_embeddings}")
     packed = positions_BxL is not None
+    # "token_rows": where steps.train_step can take the word embeddings' gradient as rows
+    # (a no-op unless a "perturbations" collection is passed; BertClassifier.row_sparse_table).
     x_BxLxH = (
-      nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, name="token_embed")(input_ids_BxL)
+      self.perturb(
+        "token_rows", nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, name="token_embed")(input_ids_BxL)
+      )
       + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init, name="position_embed")(
         positions_BxL if packed else jnp.arange(seq)[None, :]
       )
@@ -253,7 +257,12 @@ class BertClassifier(nn.Module):
   On packed rows (see BertEncoder) the logits are per example slot, (B*S)xC, row-major.
   With `pooling="cls"` and `last_layer_cls_only` (the default) the last layer runs for the
   [CLS] tokens alone (BertEncoder's `cls_only`): the same logits for ~1/L less work.
+  The word embeddings are only looked up (no tied output layer), so the trainer may take their
+  gradient as the looked-up rows (`row_sparse_table`, at the perturbation `row_sparse_rows`).
   """
+
+  row_sparse_table = ("bert", "token_embed", "embedding")
+  row_sparse_rows = ("bert", "token_rows")
 
   cfg: BertConfig
   num_labels: int
