@@ -7,6 +7,7 @@
     .venv/bin/python benchmarks/train_step.py --hf-flax            # + Hugging Face's Flax BERT, jitted
     .venv/bin/python benchmarks/train_step.py --optimizer-levers --skip-torch   # + optax's AdamW chain, + norms
     .venv/bin/python benchmarks/train_step.py --hash-dropout      # + dropout draws from an index hash
+    .venv/bin/python benchmarks/train_step.py --dense-embed-grad  # + the embedding gradient dense
     .venv/bin/python benchmarks/train_step.py --hash-dropout --skip-torch --rounds 4 --profile
                         # the A/B four times interleaved, and where each step's op time goes
 
@@ -33,9 +34,9 @@ for the backward pass and workspace), which rematerialization (`--remat`) trades
 Our step is the trainer's step between logging steps: the fused AdamW (`research/optim.adamw`)
 and no parameter/update norms, with the word embeddings' gradient taken as the rows the batch
 looked up (`optimizer.sparse_embed_grad`). `--optimizer-levers` adds a row with optax's chain
-(clip_by_global_norm -> adamw with the decay mask, dense gradients) in its place, a row with the
-norms on (the program the trainer runs on its logging steps), and a row with the embedding
-gradient dense (a zero-filled 30,522 x H array with the batch's rows added in).
+(clip_by_global_norm -> adamw with the decay mask, dense gradients) in its place, and a row with
+the norms on (the program the trainer runs on its logging steps); `--dense-embed-grad` a row
+with the embedding gradient dense (a zero-filled 30,522 x H array with the batch's rows added in).
 """
 
 from __future__ import annotations
@@ -382,7 +383,7 @@ def run_worker(
     + (["--optax-chain"] if optax_chain else [])
     + (["--norms"] if norms else [])
     + ["--dropout-bits", dropout_bits]
-    + ([] if sparse_embed else ["--dense-embed-grad"])
+    + ([] if sparse_embed else ["--dense-embed"])
     + (["--profile"] if args.profile else [])
   )
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -434,12 +435,17 @@ def main() -> None:
     "steps (for A/B tests on a host whose speed drifts)",
   )
   p.add_argument(
+    "--dense-embed-grad",
+    action="store_true",
+    help="also time our step with the word embeddings' gradient dense (optimizer.sparse_embed_grad=False)",
+  )
+  p.add_argument(
     "--profile", action="store_true", help="after timing, profile 2 steps of each of our rows (jax.profiler)"
   )
   p.add_argument("--dropout-bits", default="jax", help=argparse.SUPPRESS)
   p.add_argument("--optax-chain", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--norms", action="store_true", help=argparse.SUPPRESS)
-  p.add_argument("--dense-embed-grad", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--dense-embed", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--attention", default="", help=argparse.SUPPRESS)
   p.add_argument("--worker", choices=["jax", "torch", "hf_flax"], help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -462,7 +468,7 @@ def main() -> None:
         args.norms,
         args.dropout_bits,
         args.profile,
-        not args.dense_embed_grad,
+        not args.dense_embed,
       )
     elif args.worker == "hf_flax":
       r = worker_hf_flax(shape, args.batch, args.seq, args.warmup, args.steps)
@@ -483,7 +489,7 @@ def main() -> None:
     ("no remat", args.remat),
     ("every token", args.every_token),
     ("einsum", args.fused),
-    ("our default step", args.optimizer_levers or args.hash_dropout),
+    ("our default step", args.optimizer_levers or args.hash_dropout or args.dense_embed_grad),
   )
   reference = next((name for name, on in options if on), None)
   header = (
@@ -496,7 +502,8 @@ def main() -> None:
     ours = [{}]  # our rows: run_worker's keyword arguments
     ours += [{"remat": True}] if args.remat else []
     ours += [{"every_token": True}] if args.every_token else []
-    ours += [{"optax_chain": True}, {"norms": True}, {"sparse_embed": False}] if args.optimizer_levers else []
+    ours += [{"optax_chain": True}, {"norms": True}] if args.optimizer_levers else []
+    ours += [{"sparse_embed": False}] if args.dense_embed_grad else []
     ours += [{"dropout_bits": "hash"}] if args.hash_dropout else []
     ours += [{"attention": a} for a in ("einsum", args.fused)] if args.fused else []
     results = []

@@ -251,7 +251,7 @@ def main(argv):
     for i, (s, seed) in enumerate(pending, 1):
       run_dir = root / setting_name(s) / f"seed_{seed}"
       run_dir.mkdir(parents=True, exist_ok=True)
-      t0 = time.time()
+      t0 = time.perf_counter()
       print(f"[{i}/{len(pending)}] {setting_name(s)} seed {seed}", file=sys.stderr, flush=True)
       with open(run_dir / "stdout.log", "a") as log:
         rc = subprocess.call(
@@ -259,7 +259,7 @@ def main(argv):
         )
       if rc != 0:
         raise SystemExit(f"run failed (exit {rc}); see {run_dir / 'stdout.log'}; rerun the sweep to resume")
-      print(f"  done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+      print(f"  done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
   rows = collect(root, settings, seeds)
   if not rows:
     raise SystemExit(f"{root}: no finished runs to aggregate")

@@ -223,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   preempt = _Preemption()
   sums = {}
   data_state = train_iter.get_state()
-  dev_metrics, t_start = {}, time.time()
+  dev_metrics, t_start = {}, time.perf_counter()
 
   def host_metrics(pending: tuple[dict, int]) -> dict:
     """Fetch one step's metrics; stop loudly on a non-finite loss before anything is saved."""
@@ -307,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     "step": step,
     "final": dev_metrics,
     "best_step": best,
-    "train_seconds": time.time() - t_start,
+    "train_seconds": time.perf_counter() - t_start,
     "examples_per_step": ex_per_step,
     "stopped_early": stopped_early,
     **param_counts,

@@ -59,19 +59,19 @@ class Progress:
     self.total, self.batch_size = total_steps, batch_size
     self.enabled = enabled and jax.process_index() == 0
     self.t0, self.step0 = None, first_step
-    self.start_time = time.time()
+    self.start_time = time.perf_counter()
 
   def start(self, step: int) -> None:
     """Start the timer at `step` (a step that has finished), unless it runs already."""
     if self.t0 is None:
-      self.t0, self.step0 = time.time(), step
+      self.t0, self.step0 = time.perf_counter(), step
 
   def rate(self, step: int) -> float:
     """Steps per second since the timer started (0 until it has)."""
     if self.t0 is None:
       self.start(step)
       return 0.0
-    dt = time.time() - self.t0
+    dt = time.perf_counter() - self.t0
     return (step - self.step0) / dt if dt > 0 else 0.0
 
   def update(self, step: int, summary: str = "") -> dict[str, float]:
@@ -81,6 +81,6 @@ class Progress:
       pct = 100 * step / max(self.total, 1)
       ex = r * self.batch_size
       eta_s = _hms(eta) if r else "?"
-      line = f"step {step}/{self.total} [{pct:.0f}%] {ex:.1f} ex/s, ETA {eta_s}, elapsed {_hms(time.time() - self.start_time)}"
+      line = f"step {step}/{self.total} [{pct:.0f}%] {ex:.1f} ex/s, ETA {eta_s}, elapsed {_hms(time.perf_counter() - self.start_time)}"
       print(f"{line} | {summary}" if summary else line, file=sys.stderr, flush=True)
     return {"steps_per_sec": r, "examples_per_sec": r * self.batch_size}

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.models.bert import gelu
 from research.models.dropout import Dropout
 
 
@@ -121,7 +122,7 @@ class Block(nn.Module):
     )
     x_BxTxH = x_BxTxH + a
     h = _dense(cfg, cfg.mlp_ratio * cfg.hidden_size, "mlp_in", self.dtype)(norm("mlp_norm")(x_BxTxH))
-    h = _dense(cfg, cfg.hidden_size, "mlp_out", self.dtype, residual=True)(jax.nn.gelu(h, approximate=False))
+    h = _dense(cfg, cfg.hidden_size, "mlp_out", self.dtype, residual=True)(gelu(h))
     return x_BxTxH + Dropout(cfg.dropout, cfg.dropout_bits)(h, deterministic=not train), new_kv
 
 
