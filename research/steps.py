@@ -68,12 +68,6 @@ def _nest(path: tuple, value) -> dict:
   return flax.traverse_util.unflatten_dict({tuple(path): value})
 
 
-def _mask_out(tree, path: tuple) -> dict:
-  """A tree of bools like `tree`: False at `path` alone."""
-  flat = flax.traverse_util.flatten_dict(tree)
-  return flax.traverse_util.unflatten_dict({p: p != tuple(path) for p in flat})
-
-
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
@@ -131,11 +125,11 @@ def train_step(
     trainable, frozen = state.params, {}
   else:
     trainable, frozen = finetune.partition(state.params, mask)
-  differentiated = trainable
+  differentiated, flat = trainable, flax.traverse_util.flatten_dict(trainable)
   table_path = getattr(model, "row_sparse_table", None) if sparse_embed and not sam_rho else None
-  if table_path in flax.traverse_util.flatten_dict(trainable):  # a constant of the loss below
-    differentiated, table = finetune.partition(trainable, _mask_out(trainable, table_path))
-    table = flax.traverse_util.flatten_dict(table)[table_path]
+  if table_path in flat:  # the table becomes a constant of the loss below
+    table = flat.pop(table_path)
+    differentiated = flax.traverse_util.unflatten_dict(flat)
   else:
     table_path = None
 
