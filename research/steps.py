@@ -136,7 +136,7 @@ def train_step(
   def loss_and_aux(train_params, micro, micro_rng, token_rows=None):
     params = train_params if mask is None else finetune.combine(train_params, frozen)
     perturbations = None
-    if table_path:  # the table is looked up, not differentiated; its lookup's output is
+    if table_path:  # a constant here: the gradient is taken at its lookup's output instead
       params = finetune.combine(_nest(table_path, table), params)
       perturbations = _nest(model.row_sparse_rows, token_rows)
     if not rdrop_alpha:

@@ -275,3 +275,13 @@ def test_mean_pooling_head_reads_the_mean_of_real_tokens():
   got = mean_model.apply({"params": params}, ids, mask, mask * 0)
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert not np.allclose(got, cls_model.apply({"params": params}, ids, mask, mask * 0))
+
+
+def test_erf_gelu_is_the_exact_gelu():
+  """bert.gelu (PyTorch's erf form, fast on XLA:CPU) is jax.nn.gelu(approximate=False) (erfc)."""
+  from research.models.bert import gelu
+
+  x = jnp.linspace(-12.0, 12.0, 4001)
+  np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+  grad = jax.vmap(jax.grad(gelu))(x)
+  np.testing.assert_allclose(grad, jax.vmap(jax.grad(lambda y: jax.nn.gelu(y, approximate=False)))(x), atol=1e-6)
