@@ -172,7 +172,9 @@ class Strategy:
     return metrics if self.kind == "jit" else jax.tree.map(lambda x: x[0], metrics)
 
   def compile_train(self, step_fn: Callable, donate: bool = True) -> Callable:
-    """`step_fn(state, batch, *, reduce)` -> compiled `(state, batch) -> (state, metrics)`."""
+    """`step_fn(state, batch, *, reduce, sparse_embed)` -> compiled `(state, batch) -> (state, metrics)`.
+    Under pmap each device sees its own rows, so the row-sparse embedding gradient (which takes
+    the batch's token ids as global) is turned off there."""
     if self.kind == "jit":
       return self._lazy(lambda sh: compile_train_step(step_fn, self.mesh, donate, sh))
     psum = lambda tree: jax.lax.psum(tree, "data")  # noqa: E731
@@ -180,7 +182,7 @@ class Strategy:
     def per_device(state, batch):
       # Each device draws its own dropout masks, as the rows of one jit batch do.
       local = state.replace(rng=jax.random.fold_in(state.rng, jax.lax.axis_index("data")))
-      new, metrics = step_fn(local, batch, reduce=psum)
+      new, metrics = step_fn(local, batch, reduce=psum, sparse_embed=False)
       return new.replace(rng=state.rng), metrics
 
     return jax.pmap(per_device, axis_name="data", donate_argnums=(0,) if donate else ())

@@ -116,7 +116,7 @@ def train_step(
   model's `row_sparse_rows`) and handed to `tx` as an `optim.RowSparse`, the rows the batch
   touched, instead of a zero-filled V x H array with those rows added in. `tx` must take it (the
   fused `optim.adamw` does, with the dense update's result) and the batch must be global (`jit`;
-  under `pmap` the rows would not be summed over devices).
+  under `pmap` the rows would not be summed over devices, so `parallel.Strategy` passes False).
   """
   loss_kwargs = loss_kwargs or {}
   key = jax.random.wrap_key_data(state.rng, impl=rng_impl)

@@ -198,10 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     mask=mask,
     rdrop_alpha=config.get("rdrop_alpha", 0.0),
     sam_rho=config.optimizer.get("sam_rho", 0.0),
-    # Row-sparse embedding gradients need the fused adamw and a global batch (steps.train_step).
-    sparse_embed=config.optimizer.get("sparse_embed_grad", True)
-    and config.optimizer.name == "adamw"
-    and strategy.kind == "jit",
+    # Row-sparse embedding gradients need the fused adamw (and jit: pmap turns them off).
+    sparse_embed=config.optimizer.get("sparse_embed_grad", True) and config.optimizer.name == "adamw",
   )
   train_fn, train_fn_norms = (
     strategy.compile_train(functools.partial(step_fn, norms=norms), donate=config.donate) for norms in (False, True)
