@@ -334,7 +334,9 @@ def _summarize(s: dict) -> dict:
   out = {"loss": s["loss_sum"] / max(s["count"], 1.0)}
   if s["correct"]:
     out["accuracy"] = s["correct"] / max(s["count"], 1.0)
-  return out | {k: s.get(k, float("nan")) for k in ("grad_norm", "param_norm", "update_norm", "lr")}
+  # A norm not measured since the last record (a preemption's log right after a logging step) is
+  # left out, not written as NaN.
+  return out | {k: s[k] for k in ("grad_norm", "param_norm", "update_norm", "lr") if k in s}
 
 
 def _fmt(m: dict) -> str:

@@ -330,3 +330,25 @@ def test_rbg_dropout_bits_train_deterministically(small_glue, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "a")[1], _final_params(tmp_path / "b")[1])
   with pytest.raises(ValueError, match="parallel='jit' only"):
     train.train_and_evaluate(tiny_config(small_glue, rng_impl="rbg", parallel="pmap"), tmp_path / "c")
+
+
+def test_a_log_between_logging_steps_leaves_unmeasured_norms_out():
+  """A preemption logs the steps since the last record; their program measured no param/update
+  norm, so the record leaves those out instead of writing NaN into metrics.jsonl."""
+  sums = {}
+  nan = float("nan")
+  train._accumulate(
+    sums,
+    {
+      "loss_sum": 2.0,
+      "count": 4.0,
+      "correct": 3.0,
+      "grad_norm": 1.5,
+      "param_norm": nan,
+      "update_norm": nan,
+      "lr": 1e-4,
+    },
+  )
+  record = train._summarize(sums)
+  assert record == {"loss": 0.5, "accuracy": 0.75, "grad_norm": 1.5, "lr": 1e-4}
+  assert json.loads(json.dumps(record)) == record  # strict JSON: no NaN
