@@ -221,7 +221,23 @@ def worker_jax(
   }
 
 
-def worker_torch(shape: str, batch: int, seq: int, warmup: int, steps: int) -> dict:
+def _torch_profile(step, steps: int = 2, top: int = 12) -> list[list]:
+  """`_profile` for the PyTorch row: torch.profiler's self CPU time per aten op (ms per step,
+  timed on the calling thread, so an op's intra-op threads are not summed as XLA's are)."""
+  from torch.profiler import ProfilerActivity, profile
+
+  with profile(activities=[ProfilerActivity.CPU]) as prof:
+    for _ in range(steps):
+      step()
+  rows = sorted(
+    ((e.key, e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()), key=lambda r: -r[1]
+  )
+  return [[k, ms, round(n)] for k, ms, n in rows[:top]] + [
+    ["all ops", sum(r[1] for r in rows), round(sum(r[2] for r in rows))]
+  ]
+
+
+def worker_torch(shape: str, batch: int, seq: int, warmup: int, steps: int, profile: bool = False) -> dict:
   import torch
   import transformers
 
@@ -248,6 +264,7 @@ def worker_torch(shape: str, batch: int, seq: int, warmup: int, steps: int) -> d
   return {
     "framework": f"transformers {transformers.__version__} PyTorch eager (torch {torch.__version__})",
     "times": times,
+    "profile": _torch_profile(step) if profile else None,
     "rss_gb": _peak_rss_gb(),
   }
 
@@ -440,7 +457,9 @@ def main() -> None:
     help="also time our step with the word embeddings' gradient dense (optimizer.sparse_embed_grad=False)",
   )
   p.add_argument(
-    "--profile", action="store_true", help="after timing, profile 2 steps of each of our rows (jax.profiler)"
+    "--profile",
+    action="store_true",
+    help="after timing, profile 2 steps of each row (ours: jax.profiler; PyTorch: torch.profiler)",
   )
   p.add_argument("--dropout-bits", default="jax", help=argparse.SUPPRESS)
   p.add_argument("--optax-chain", action="store_true", help=argparse.SUPPRESS)
@@ -473,7 +492,7 @@ def main() -> None:
     elif args.worker == "hf_flax":
       r = worker_hf_flax(shape, args.batch, args.seq, args.warmup, args.steps)
     else:
-      r = worker_torch(shape, args.batch, args.seq, args.warmup, args.steps)
+      r = worker_torch(shape, args.batch, args.seq, args.warmup, args.steps, args.profile)
     print(json.dumps(r))
     return
 
@@ -540,7 +559,8 @@ def main() -> None:
         )
     for r in results:
       if r.get("profile"):  # the last round's
-        print(f"\nop time by kind, {shape}, {r['framework']} (ms per step, summed over XLA's threads; ops per step):")
+        how = "self CPU time per aten op" if "PyTorch" in r["framework"] else "summed over XLA's threads"
+        print(f"\nop time by kind, {shape}, {r['framework']} (ms per step, {how}; ops per step):")
         print("  " + "; ".join(f"{kind} {ms:.0f} ({n})" for kind, ms, n in r["profile"]))
 
 
