@@ -206,6 +206,7 @@ def worker_jax(
   times = _time(step, warmup, steps)
   return {
     "profile": _profile(step) if profile else None,
+    "profile_unit": "summed over XLA's threads",
     "framework": f"ours (jax {jax.__version__}, {dtype}, {rng_impl} dropout{', remat' if remat else ''}"
     + (", last layer over every token" if every_token else "")
     + (", optax AdamW chain" if optax_chain else "")
@@ -265,6 +266,7 @@ def worker_torch(shape: str, batch: int, seq: int, warmup: int, steps: int, prof
     "framework": f"transformers {transformers.__version__} PyTorch eager (torch {torch.__version__})",
     "times": times,
     "profile": _torch_profile(step) if profile else None,
+    "profile_unit": "self CPU time per aten op, on the calling thread",
     "rss_gb": _peak_rss_gb(),
   }
 
@@ -559,8 +561,7 @@ def main() -> None:
         )
     for r in results:
       if r.get("profile"):  # the last round's
-        how = "self CPU time per aten op" if "PyTorch" in r["framework"] else "summed over XLA's threads"
-        print(f"\nop time by kind, {shape}, {r['framework']} (ms per step, {how}; ops per step):")
+        print(f"\nop time by kind, {shape}, {r['framework']} (ms per step, {r['profile_unit']}; ops per step):")
         print("  " + "; ".join(f"{kind} {ms:.0f} ({n})" for kind, ms, n in r["profile"]))
 
 
