@@ -107,7 +107,12 @@ def _profile(step, steps: int = 2, top: int = 12) -> list[list]:
       kind = re.sub(r"\.\d+$", "", e["name"])
       ms[kind] += e["dur"] / 1e3 / steps
       n[kind] += 1 / steps
-  rows = [[k, v, round(n[k])] for k, v in ms.most_common(top)]
+  return _top_kinds(ms, n, top)
+
+
+def _top_kinds(ms: dict, n: dict, top: int) -> list[list]:
+  """[kind, ms per step, ops per step] for the `top` kinds by time, then the total."""
+  rows = [[k, ms[k], round(n[k])] for k in sorted(ms, key=ms.get, reverse=True)[:top]]
   return rows + [["all ops", sum(ms.values()), round(sum(n.values()))]]
 
 
@@ -230,12 +235,10 @@ def _torch_profile(step, steps: int = 2, top: int = 12) -> list[list]:
   with profile(activities=[ProfilerActivity.CPU]) as prof:
     for _ in range(steps):
       step()
-  rows = sorted(
-    ((e.key, e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()), key=lambda r: -r[1]
+  ops = prof.key_averages()
+  return _top_kinds(
+    {e.key: e.self_cpu_time_total / 1e3 / steps for e in ops}, {e.key: e.count / steps for e in ops}, top
   )
-  return [[k, ms, round(n)] for k, ms, n in rows[:top]] + [
-    ["all ops", sum(r[1] for r in rows), round(sum(r[2] for r in rows))]
-  ]
 
 
 def worker_torch(shape: str, batch: int, seq: int, warmup: int, steps: int, profile: bool = False) -> dict:

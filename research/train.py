@@ -321,10 +321,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   return result
 
 
+_LATEST = ("grad_norm", "param_norm", "update_norm", "lr")  # logged as their latest measured value
+
+
 def _accumulate(sums: dict, m: dict) -> None:
   for k in ("loss_sum", "count", "correct"):
     sums[k] = sums.get(k, 0.0) + float(m[k])
-  for k in ("grad_norm", "param_norm", "update_norm", "lr"):
+  for k in _LATEST:
     if not np.isnan(m[k]):  # param/update norms are measured on logging steps only (NaN between)
       sums[k] = float(m[k])  # latest value
   sums["steps"] = sums.get("steps", 0) + 1
@@ -336,7 +339,7 @@ def _summarize(s: dict) -> dict:
     out["accuracy"] = s["correct"] / max(s["count"], 1.0)
   # A norm not measured since the last record (a preemption's log right after a logging step) is
   # left out, not written as NaN.
-  return out | {k: s[k] for k in ("grad_norm", "param_norm", "update_norm", "lr") if k in s}
+  return out | {k: s[k] for k in _LATEST if k in s}
 
 
 def _fmt(m: dict) -> str:
