@@ -48,6 +48,7 @@ class Checkpointer:
       read_only=read_only,
       create=not read_only,
     )
+    _whole_arrays_on_cpu()
     self.manager = ocp.CheckpointManager(
       Path(directory).resolve(), item_names=("state", "data", "config"), options=options
     )
@@ -84,6 +85,31 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _whole_arrays_on_cpu() -> None:
+  """On CPU devices, save each replicated array from one replica, whole.
+
+  Orbax's default (replica-parallel saving) has every replica write a slice of a replicated
+  array, which spreads device-to-host copies over accelerators. CPU devices share the host's
+  memory, so the slices buy nothing, and each is an eager `slice` that XLA compiles once per
+  shape: 3.3 of a 19 s test run on 8 fake devices went there. The files are the same either way.
+  """
+  if jax.default_backend() != "cpu":
+    return
+  current = ocp.type_handlers.get_type_handler(jax.Array)
+  if not getattr(current, "_use_replica_parallel", False):
+    return  # already done, or a handler the user registered
+  handler = ocp.type_handlers.ArrayHandler(
+    array_metadata_store=getattr(current, "_array_metadata_store", None), use_replica_parallel=False
+  )
+  absl_log = logging.getLogger("absl")  # orbax warns about every override
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    absl_log.setLevel(level)
 
 
 def abstract(tree) -> Any:

@@ -352,3 +352,29 @@ def test_a_log_between_logging_steps_leaves_unmeasured_norms_out():
   record = train._summarize(sums)
   assert record == {"loss": 0.5, "accuracy": 0.75, "grad_norm": 1.5, "lr": 1e-4}
   assert json.loads(json.dumps(record)) == record  # strict JSON: no NaN
+
+
+def test_saving_replicated_arrays_on_cpu_compiles_nothing_and_restores_exactly(tmp_path):
+  """Orbax's replica-parallel saving slices each replicated array once per device, an eager op
+  XLA compiles per shape; on CPU devices the trainer saves each array whole from one replica."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  rng = np.random.default_rng(0)
+  host = {"w": rng.normal(size=(24, 40)).astype(np.float32), "b": rng.normal(size=(13,)).astype(np.float32)}
+  state = jax.device_put(host, NamedSharding(mesh, P()))  # replicated over the 8 devices
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", best_metric="accuracy")
+  compiles = []
+  listener = lambda event, duration, **_: compiles.append(event) if "backend_compile" in event else None  # noqa: E731
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    ckpt.save(1, state, {"position": 3}, {"task": "x"}, metrics={"accuracy": 0.5})
+    ckpt.wait()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  ckpt.close()
+  assert compiles == []
+  step, restored, metrics = checkpoint.restore_on_host(tmp_path / "ckpt")
+  assert step == 1 and metrics["accuracy"] == 0.5
+  jax.tree.map(np.testing.assert_array_equal, restored, host)
