@@ -9,7 +9,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, TWO_BUCKETS, tiny_config
 
 from configs import glue as glue_cfg
 from research import checkpoint, train
@@ -23,7 +23,7 @@ def _final_params(workdir, step=None):
 
 def test_tiny_end_to_end(small_glue, tmp_path):
   wd = tmp_path / "run"
-  result = train.train_and_evaluate(tiny_config(small_glue, log_every_steps=3), wd)
+  result = train.train_and_evaluate(tiny_config(small_glue, log_every_steps=3, **TWO_BUCKETS), wd)
   assert result["step"] == 8 and result["final"]["examples"] == 41.0
   assert 0.0 <= result["final"]["accuracy"] <= 1.0
   records = [json.loads(r) for r in (wd / "metrics.jsonl").read_text().splitlines()]
@@ -101,7 +101,7 @@ _CHILD = textwrap.dedent("""
         os.kill(os.getpid(), sig)  # SIGKILL: a crash; SIGTERM: a preemption notice
     writers.MetricWriter.write = write
     config = tiny_config(Path(sys.argv[3]), num_train_steps=12, eval_every_steps=6, checkpoint_every_steps=3,
-                         log_every_steps=1)
+                         log_every_steps=1, **{{"data.buckets": (16, 32)}})
     train.train_and_evaluate(config, sys.argv[1])
 """)
 
