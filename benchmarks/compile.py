@@ -6,8 +6,9 @@ Runs a child process twice with the same fresh cache directory (what research/ma
 as --compilation_cache, default ~/.cache/research/jax): the first compiles from scratch and
 fills the cache, the second finds the executable there. Each child times tracing + lowering
 (Python; the persistent cache cannot skip it) and XLA compilation (what the cache replaces) of
-the two train programs the trainer compiles (the step without and with the parameter/update
-norms) with the batch shape it uses, and the whole process.
+the programs the trainer compiles for training (train.py): the step, with the batch shape it
+uses, and the two small programs its logging steps add (a copy of the parameters before the
+step, and the parameter/update norms from it); and the whole process.
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ else:
 tx, sched = optim.make_optimizer(c.optimizer, params, 1000)
 state = steps.create_state(params, tx, jax.random.key_data(jax.random.key(1)))
 trace_s = compile_s = 0.0
-for norms in (False, True):  # the trainer's two programs (train.py): without and with the norms
-  fn = jax.jit(functools.partial(steps.train_step, model=model, loss_fn=losses.get_loss("softmax_xent"), tx=tx,
-                                 schedule=sched, norms=norms), donate_argnums=0)
+step = jax.jit(functools.partial(steps.train_step, model=model, loss_fn=losses.get_loss("softmax_xent"), tx=tx,
+                                 schedule=sched, norms=False), donate_argnums=0)
+snapshot = jax.jit(lambda params: jax.tree.map(jnp.copy, params))
+for fn, args in ((step, (state, batch)), (snapshot, (state.params,)), (jax.jit(steps.update_norms), (state.params,) * 2)):
   t = time.perf_counter()
-  lowered = fn.lower(state, batch)
+  lowered = fn.lower(*args)
   t1 = time.perf_counter()
   lowered.compile()
   trace_s, compile_s = trace_s + t1 - t, compile_s + time.perf_counter() - t1
@@ -69,7 +71,7 @@ def main():
   with tempfile.TemporaryDirectory() as cache:
     cold, warm = child(cache, args.shape), child(cache, args.shape)
   print(
-    f"| {args.shape} train step (both programs) | trace + lower | XLA compile | both | whole process |\n|---|---|---|---|---|"
+    f"| {args.shape} train step (and the norms' two programs) | trace + lower | XLA compile | both | whole process |\n|---|---|---|---|---|"
   )
   for name, r in (("cold (empty cache)", cold), ("warm (persistent cache)", warm)):
     both = r["trace_s"] + r["compile_s"]

@@ -197,6 +197,12 @@ class Strategy:
     psum = lambda tree: jax.lax.psum(tree, "data")  # noqa: E731
     return jax.pmap(lambda state, batch: step_fn(params_of(state), batch, reduce=psum), axis_name="data")
 
+  def compile_params_fn(self, fn: Callable) -> Callable:
+    """`fn` over trees in the step's layout (e.g. its parameters): jit on the global arrays, or
+    pmap on each device's replica, whose results come back one copy per device like the step's
+    metrics (`scalars` takes the first)."""
+    return jax.jit(fn) if self.kind == "jit" else jax.pmap(fn)
+
   def _lazy(self, build: Callable) -> Callable:
     """jit once the state's tree is known (its shardings follow from the shapes)."""
     compiled = {}

@@ -97,9 +97,10 @@ def train_step(
   that pass over parameters and optimizer state cost ~17% of a short-sequence MiniLM step).
   `norms=False` leaves the parameter and update norms out (NaN): reading the new parameters and
   the updates again makes XLA copy every parameter and keep the updates in memory, ~10% of a
-  packed SST-2 step (`benchmarks/train_step.py --optimizer-levers`), so the trainer compiles the
-  step twice and runs this variant on all but its logging steps (`train.py`). Only the parameters `mask` marks trainable are
-  differentiated and updated; the rest are constants of the step.
+  packed SST-2 step (`benchmarks/train_step.py --optimizer-levers`). The trainer compiles only
+  this variant and measures the norms on its logging steps from outside (`update_norms`). Only
+  the parameters `mask` marks trainable are differentiated and updated; the rest are constants
+  of the step.
 
   `rdrop_alpha > 0` (R-Drop, Liang et al. 2021; classifiers): every row goes through the model
   twice in one forward pass, under different dropout masks, and each example's loss is half the
@@ -220,6 +221,18 @@ def train_step(
     "nonfinite": (~finite).astype(jnp.float32),
   }
   return new_state, metrics
+
+
+def update_norms(before, after) -> dict[str, jax.Array]:
+  """`param_norm` and `update_norm` of a step, measured from outside it: the norm of the
+  parameters after the step and of what it added to them (after - before; zero where frozen).
+  The trainer runs its step with `norms=False` (one compiled program per batch shape) and calls
+  this on its logging steps with a copy of the parameters taken before the step, which donates
+  them: a copy and a read of the parameters on those steps only."""
+  return {
+    "param_norm": optax.tree.norm(after),
+    "update_norm": optax.tree.norm(jax.tree.map(jnp.subtract, after, before)),
+  }
 
 
 def eval_step(

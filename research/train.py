@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -184,8 +185,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   # --- Compiled steps ------------------------------------------------------------------------
   loss_kwargs = config.loss_kwargs.to_dict()
-  # Two programs: the plain step, and on logging steps the same with the parameter and update
-  # norms (steps.train_step: reading them in every step makes XLA copy the parameters).
+  # One step program per batch shape, without the parameter and update norms (reading them in
+  # every step makes XLA copy the parameters); logging steps measure them from a copy of the
+  # parameters taken before the step (steps.update_norms).
   step_fn = functools.partial(
     steps.train_step,
     model=model,
@@ -201,9 +203,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     # Row-sparse embedding gradients need the fused adamw (and jit: pmap turns them off).
     sparse_embed=config.optimizer.get("sparse_embed_grad", True) and config.optimizer.name == "adamw",
   )
-  train_fn, train_fn_norms = (
-    strategy.compile_train(functools.partial(step_fn, norms=norms), donate=config.donate) for norms in (False, True)
-  )
+  train_fn = strategy.compile_train(functools.partial(step_fn, norms=False), donate=config.donate)
+  snapshot = strategy.compile_params_fn(lambda params: jax.tree.map(jnp.copy, params))
+  measure_norms = strategy.compile_params_fn(steps.update_norms)
   eval_fn = strategy.compile_eval(
     functools.partial(
       steps.eval_step, model=model, loss_fn=loss_fn, loss_kwargs=loss_kwargs, return_logits=not lm_task
@@ -248,14 +250,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   def evals_at(s: int) -> bool:
     return s == total_steps or bool(config.eval_every_steps and s % config.eval_every_steps == 0)
 
-  def logs_at(s: int) -> bool:  # these steps run the program with the norms
+  def logs_at(s: int) -> bool:  # these steps measure the parameter and update norms
     return evals_at(s) or s % config.log_every_steps == 0
 
   pending = None  # the previous step's metrics, fetched one step late to keep the device busy
   try:
     while step < total_steps and not stopped_early:
       batch, next_data_state = next(batches)
-      state, m = (train_fn_norms if logs_at(step + 1) else train_fn)(state, batch)
+      before = snapshot(state.params) if logs_at(step + 1) else None
+      state, m = train_fn(state, batch)
+      if before is not None:
+        m = m | measure_norms(before, state.params)
       if pending is not None:
         _accumulate(sums, host_metrics(pending))
         progress.start(pending[1])  # once the first step (and its compile) is done

@@ -247,7 +247,8 @@ def test_metrics_are_sums_and_norms():
   assert 0 <= m["correct"] <= m["count"] and m["loss_sum"] > m["count"] * 0.3
   assert float(m["lr"]) == 0.0  # step 0 of the warmup
   assert np.isfinite(m["param_norm"]) and m["update_norm"] == 0.0  # lr 0: no update yet
-  # norms=False (the trainer's step between logging steps): the same update, norms NaN
+  # norms=False (the trainer's step): the same update, norms NaN; the trainer measures them on
+  # its logging steps from a copy of the parameters taken before the step (update_norms).
   model, tx, schedule, state = _setup()
   out = {}
   for norms in (True, False):
@@ -256,10 +257,14 @@ def test_metrics_are_sums_and_norms():
         steps.train_step, model=model, loss_fn=losses.softmax_xent, tx=tx, schedule=schedule, norms=norms
       )
     )
-    out[norms] = fn(fn(state, _batch())[0], _batch(seed=1))
+    before = fn(state, _batch())[0]
+    out[norms] = fn(before, _batch(seed=1))
   assert np.isfinite(out[True][1]["param_norm"]) and np.isnan(out[False][1]["update_norm"])
   assert out[True][1]["update_norm"] > 0
   jax.tree.map(np.testing.assert_array_equal, out[True][0].params, out[False][0].params)
+  measured = jax.jit(steps.update_norms)(before.params, out[False][0].params)
+  for k in ("param_norm", "update_norm"):
+    np.testing.assert_allclose(measured[k], out[True][1][k], rtol=1e-3)
 
 
 def test_eval_step_drops_nothing_real():

@@ -31,8 +31,8 @@ def test_tiny_end_to_end(small_glue, tmp_path):
   assert [r["step"] for r in train_records] == [3, 4, 6, 8]  # every 3 steps, and at each eval
   assert [r["step"] for r in records if r["split"] == "dev"] == [4, 8]
   assert {"loss", "accuracy", "grad_norm", "param_norm", "update_norm", "lr", "examples_per_sec"} <= set(records[-2])
-  # Every logged step ran the program with the norms (the others leave them out), the eval and
-  # last steps included, and the rate is timed from the end of the first step (compile excluded).
+  # Every logged step measured the parameter and update norms (the others leave them out), the
+  # eval and last steps included, and the rate is timed from the end of the first step (compile excluded).
   assert all(np.isfinite(r["param_norm"]) and r["update_norm"] > 0 for r in train_records)
   assert all(r["examples_per_sec"] > 0 for r in train_records)
   assert json.loads((wd / "config.json").read_text())["task"] == "sst2"
