@@ -223,6 +223,11 @@ def train_step(
   return new_state, metrics
 
 
+def copy_params(params):
+  """A copy of the parameters (new buffers), for `update_norms` across a step that donates them."""
+  return jax.tree.map(jnp.copy, params)
+
+
 def update_norms(before, after) -> dict[str, jax.Array]:
   """`param_norm` and `update_norm` of a step, measured from outside it: the norm of the
   parameters after the step and of what it added to them (after - before; zero where frozen).

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -204,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     sparse_embed=config.optimizer.get("sparse_embed_grad", True) and config.optimizer.name == "adamw",
   )
   train_fn = strategy.compile_train(functools.partial(step_fn, norms=False), donate=config.donate)
-  snapshot = strategy.compile_params_fn(lambda params: jax.tree.map(jnp.copy, params))
+  snapshot = strategy.compile_params_fn(steps.copy_params)
   measure_norms = strategy.compile_params_fn(steps.update_norms)
   eval_fn = strategy.compile_eval(
     functools.partial(

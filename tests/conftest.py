@@ -96,8 +96,8 @@ def tiny_config(glue: Path, **overrides):
   c = glue_cfg.get_config("task=sst2,model=tiny")
   c.unlock()
   c.data.glue_dir = str(glue)
-  # One shape: every other bucket is two more train programs and an eval program to trace and
-  # compile (or load) per run. The tests of resume and the end-to-end test pass two.
+  # One shape: every other bucket is one more train program and one more eval program to trace
+  # and compile (or load) per run. The tests of resume and the end-to-end test pass TWO_BUCKETS.
   c.data.buckets = (32,)
   c.data.max_length = 32
   c.batch_size = 16

@@ -90,7 +90,7 @@ _CHILD = textwrap.dedent("""
     import jax
     jax.config.update("jax_num_cpu_devices", 8)
     from pathlib import Path
-    from conftest import tiny_config
+    from conftest import TWO_BUCKETS, tiny_config
     from research import train, writers
 
     kill_at, sig = int(sys.argv[2]), getattr(signal, sys.argv[4])
@@ -101,7 +101,7 @@ _CHILD = textwrap.dedent("""
         os.kill(os.getpid(), sig)  # SIGKILL: a crash; SIGTERM: a preemption notice
     writers.MetricWriter.write = write
     config = tiny_config(Path(sys.argv[3]), num_train_steps=12, eval_every_steps=6, checkpoint_every_steps=3,
-                         log_every_steps=1, **{{"data.buckets": (16, 32)}})
+                         log_every_steps=1, **TWO_BUCKETS)
     train.train_and_evaluate(config, sys.argv[1])
 """)
 
