@@ -2,6 +2,7 @@
 the packed corpus pipeline, and a pretraining run that resumes exactly."""
 
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -210,7 +211,7 @@ def test_masking_rule_and_masked_lm_pretraining(tmp_path, tokenizer):
   assert full.any() and (full[cont] == prev_chosen[cont]).all()
 
 
-def test_mlm_run_exports_and_fine_tunes(tmp_path, small_glue):
+def test_mlm_run_exports_and_fine_tunes(tmp_path, small_glue, caplog):
   from conftest import tiny_config
 
   from research import predict
@@ -234,7 +235,11 @@ def test_mlm_run_exports_and_fine_tunes(tmp_path, small_glue):
   _, exported = convert.load_hf_mlm_folder(str(out))
   for folder, head in ((out, True), (cls_hf, False)):
     mc = ml_collections.ConfigDict(c.model.to_dict() | {"init_from": str(folder)})
-    _, params, arch = build.build_model(mc, 2, p.bert_cfg.vocab_size, jax.random.PRNGKey(3))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+      _, params, arch = build.build_model(mc, 2, p.bert_cfg.vocab_size, jax.random.PRNGKey(3))
+    # The head it loads is not reported as ignored tensors.
+    assert head == ("masked-LM head loaded" in caplog.text) and "ignored" not in caplog.text
     assert arch["arch"] == "bert_mlm" and arch["vocab_size"] == p.bert_cfg.vocab_size
     want_embed = (exported if head else p.params)["bert"]["token_embed"]["embedding"]
     np.testing.assert_array_equal(params["bert"]["token_embed"]["embedding"], want_embed)

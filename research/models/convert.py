@@ -342,7 +342,9 @@ def load_hf_for_mlm(name_or_path: str) -> tuple[BertConfig, dict, bool]:
   if present and len(present) < len(MLM_HEAD):
     missing = [hf for hf, _, _ in MLM_HEAD if hf not in tensors]
     raise WeightsError(f"{folder}: a partial masked-LM head; missing {', '.join(missing)}")
-  encoder, _, _ = hf_to_params(tensors, cfg, source=str(folder))
+  # The head (and its decoder, tied to the word embeddings) is read here, not by the encoder map.
+  encoder_t = {k: v for k, v in tensors.items() if not k.startswith("cls.predictions.")}
+  encoder, _, _ = hf_to_params(encoder_t, cfg, source=str(folder))
   flat = {("bert", *k): v for k, v in flax.traverse_util.flatten_dict(encoder).items()}
   for hf, ours, fn in MLM_HEAD if present else ():
     flat[ours] = fn(np.asarray(tensors[hf], np.float32))
