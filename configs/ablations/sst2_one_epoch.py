@@ -23,6 +23,14 @@ warmup then linear decay to 0 over one epoch, sequence packing (4 rows x 128 tok
 - `mean-tapt1200`: the same with three times the pretraining (1,200 steps, ~6 passes over the
   sentences; 400 steps left the fresh MLM head at 23% masked-token accuracy). The same two
   commands with `--config.num_train_steps=1200` and the workdir `runs/tapt-sst2-1200`.
+- `mean-tapt2400`: twice that again: 1,200 more steps continued from the `mean-tapt1200` export
+  (the held-out MLM loss was still falling at step 1,200), with a fresh warmup and AdamW state
+  and seed 1 for new masks and order:
+      python -m research.main --config configs/pretrain_mlm.py --config.model.init_from=runs/tapt-sst2-1200/hf \
+        --config.data.train_files=runs/sst2_train.txt --config.data.val_fraction=0.02 \
+        --config.data.val_files= --config.optimizer.lr=1e-4 --config.num_train_steps=1200 \
+        --config.rng_impl=rbg --config.seed=1 --workdir runs/tapt-sst2-2400
+      python -m research.predict --workdir runs/tapt-sst2-2400 --export_mlm runs/tapt-sst2-2400/hf
 - `mean-rdrop`: `mean` with R-Drop (Liang et al. 2021, alpha 1): each sentence goes through the
   model twice under different dropout masks, and the symmetric KL of the two predictions is
   added to the loss. Twice the compute per step.
@@ -56,6 +64,7 @@ def sweep() -> list[dict]:
     {"_name": "cls-frozen-emb", "finetune.strategy": "top_k", "finetune.top_k": 6},
     {"_name": "mean-tapt", "model.pooling": "mean", "model.init_from": "runs/tapt-sst2/hf"},
     {"_name": "mean-tapt1200", "model.pooling": "mean", "model.init_from": "runs/tapt-sst2-1200/hf"},
+    {"_name": "mean-tapt2400", "model.pooling": "mean", "model.init_from": "runs/tapt-sst2-2400/hf"},
     {"_name": "mean-rdrop", "model.pooling": "mean", "rdrop_alpha": 1.0},
     {"_name": "mean-sam", "model.pooling": "mean", "optimizer.sam_rho": 0.05},
     {"_name": "cls-hash", "model.dropout_bits": "hash"},
