@@ -97,6 +97,12 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
   return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
+def _cell(xs: list[float]) -> str:
+  """Mean ± std over seeds, or the one value: one seed has no spread to show."""
+  m, s = _mean_std(xs)
+  return f"{m:.1f} ± {s:.1f}" if len(xs) > 1 else f"{m:.1f}"
+
+
 def _metric_name(run_dir: Path) -> str:
   cfg = json.loads((run_dir / "config.json").read_text())
   if cfg.get("best_metric"):
@@ -154,7 +160,7 @@ def write_tables(root: Path, rows: list[dict], settings: list[dict], title: str,
     "",
     f"Produced by `{cmd}`.",
     "",
-    f"Dev {metric if mixed else f'`{metric}`'} x 100, mean ± std over seeds. *final*: at the end of training "
+    f"Dev {metric if mixed else f'`{metric}`'} x 100, mean ± std over seeds (one seed: its value). *final*: at the end of training "
     "(no selection on dev); *best*: the best of the periodic dev evals (selected on dev, so optimistic).",
     "",
     f"| setting |{' metric |' if mixed else ''} seeds | final {metric} | best {metric} | trainable params | steps "
@@ -167,13 +173,12 @@ def write_tables(root: Path, rows: list[dict], settings: list[dict], title: str,
     if not mine:
       lines.append(f"| `{name}` |{' |' if mixed else ''} 0 | not run | | | | |")
       continue
-    fm, fs = _mean_std([100 * r["final"] for r in mine])
-    bm, bs = _mean_std([100 * r["best"] for r in mine])
+    final, best = _cell([100 * r["final"] for r in mine]), _cell([100 * r["best"] for r in mine])
     tp, total = mine[0]["trainable_params"], mine[0]["total_params"]
     secs = sorted(r["train_seconds"] for r in mine)[len(mine) // 2]  # median: robust to a paused run
     metric_cell = f" {mine[0]['metric']} |" if mixed else ""
     lines.append(
-      f"| `{name}` |{metric_cell} {len(mine)} | {fm:.1f} ± {fs:.1f} | {bm:.1f} ± {bs:.1f} | "
+      f"| `{name}` |{metric_cell} {len(mine)} | {final} | {best} | "
       f"{tp:,} ({100 * tp / max(total, 1):.1f}%) | {mine[0]['steps']} | {secs:.0f} s |"
     )
   text = "\n".join(lines) + "\n"
