@@ -8,6 +8,9 @@ The baseline without either lever is the README's `runs/sst2-mean-2ep` (89.68 fi
   average of the weights (decay 0.999, ~1,000 steps), which is what is evaluated and kept.
 - `ema-llrd`: lr 1e-4 with layer-wise decay 0.8 (the classifier at 1e-4, the top layer 8e-5,
   ..., the bottom layer 2.6e-5, the embeddings 2.1e-5), plus the same average.
+- `ema-llrd-tapt1200`: `ema-llrd` from the export of 1,200 steps of task-adaptive MLM
+  pretraining (the `mean-tapt1200` setting of configs/ablations/sst2_one_epoch.py, whose
+  docstring has the commands).
 - `ema-llrd-distill`: `ema-llrd` trained on knowledge distillation (alpha 0.5, T 2) from an
   ensemble of six earlier SST-2 runs at their *final* checkpoints (no dev selection): the
   three runs of this sweep and `runs/sst2`, `runs/sst2-lr2e-5`, `runs/sst2-mean-2ep`
@@ -34,6 +37,12 @@ def sweep() -> list[dict]:
   return [
     {"_name": "ema"},
     {"_name": "ema-llrd", "optimizer.lr": 1e-4, "optimizer.layer_decay": 0.8},
+    {
+      "_name": "ema-llrd-tapt1200",
+      "optimizer.lr": 1e-4,
+      "optimizer.layer_decay": 0.8,
+      "model.init_from": "runs/tapt-sst2-1200/hf",
+    },
     {
       "_name": "ema-llrd-distill",
       "optimizer.lr": 1e-4,
