@@ -194,12 +194,14 @@ def plot(root: Path, rows: list[dict], settings: list[dict], seeds: list[int]) -
 
   names = [setting_name(s) for s in settings if any(r["setting"] == setting_name(s) for r in rows)]
   metric = _metric_label(rows)
-  stats = [_mean_std([100 * r["final"] for r in rows if r["setting"] == n]) for n in names]
+  finals = [[100 * r["final"] for r in rows if r["setting"] == n] for n in names]
+  stats = [_mean_std(xs) for xs in finals]
   fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 1), 3.6))
   ax.bar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="#4C72B0")
-  ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+  labels = [f"{n} ({len(xs)})" for n, xs in zip(names, finals)]  # settings may have run different seeds
+  ax.set_xticks(range(len(names)), labels, rotation=30, ha="right", fontsize=8)
   ax.set_ylabel(f"dev {metric} x 100 (final)")
-  ax.set_title(f"{root.name}: mean ± std over {len(seeds)} seeds", fontsize=10)
+  ax.set_title(f"{root.name}: mean ± std over seeds (how many, in brackets)", fontsize=10)
   fig.tight_layout()
   fig.savefig(root / "bars.png", dpi=120)
   plt.close(fig)
