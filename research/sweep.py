@@ -201,6 +201,9 @@ def plot(root: Path, rows: list[dict], settings: list[dict], seeds: list[int]) -
   labels = [f"{n} ({len(xs)})" for n, xs in zip(names, finals)]  # settings may have run different seeds
   ax.set_xticks(range(len(names)), labels, rotation=30, ha="right", fontsize=8)
   ax.set_ylabel(f"dev {metric} x 100 (final)")
+  lo, hi = min(m - sd for m, sd in stats), max(m + sd for m, sd in stats)
+  pad = max(0.5, 0.25 * (hi - lo))
+  ax.set_ylim(lo - pad, hi + pad)  # zoomed to the results: settings differ by tenths, not tens
   ax.set_title(f"{root.name}: mean ± std over seeds (how many, in brackets)", fontsize=10)
   fig.tight_layout()
   fig.savefig(root / "bars.png", dpi=120)
