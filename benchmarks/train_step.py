@@ -37,6 +37,13 @@ looked up (`optimizer.sparse_embed_grad`). `--optimizer-levers` adds a row with 
 (clip_by_global_norm -> adamw with the decay mask, dense gradients) in its place, and a row with
 the norms on (the program the trainer runs on its logging steps); `--dense-embed-grad` a row
 with the embedding gradient dense (a zero-filled 30,522 x H array with the batch's rows added in).
+
+On a GPU (JAX's default backend not the CPU) the same script measures the accelerator: the peak
+is a jitted n=8192 matmul in the run's `--dtype` on the device (or `--peak-tflops`, a datasheet
+figure), the memory column is each side's peak device memory (JAX's allocator statistics,
+`torch.cuda.max_memory_allocated`), and `--torch-device cuda` runs the PyTorch side on the same
+GPU, under `torch.autocast` in bf16 when `--dtype bfloat16` (fp32 weights, as ours).
+`benchmarks/gpu_check.sh` is the whole device check (BERT-base, seq 128 and 512, bf16).
 """
 
 from __future__ import annotations
@@ -209,7 +216,9 @@ def worker_jax(
     jax.block_until_ready(m["loss_sum"])
 
   times = _time(step, warmup, steps)
+  stats = jax.local_devices()[0].memory_stats() or {}  # empty on the CPU
   return {
+    "device_gb": stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None,
     "profile": _profile(step) if profile else None,
     "profile_unit": "summed over XLA's threads",
     "framework": f"ours (jax {jax.__version__}, {dtype}, {rng_impl} dropout{', remat' if remat else ''}"
@@ -241,32 +250,53 @@ def _torch_profile(step, steps: int = 2, top: int = 12) -> list[list]:
   )
 
 
-def worker_torch(shape: str, batch: int, seq: int, warmup: int, steps: int, profile: bool = False) -> dict:
+def worker_torch(
+  shape: str,
+  batch: int,
+  seq: int,
+  warmup: int,
+  steps: int,
+  profile: bool = False,
+  device: str = "cpu",
+  dtype: str = "float32",
+) -> dict:
+  """`device` cuda: the same step on the GPU, under `torch.autocast` in `dtype` unless float32."""
+  import contextlib
+
   import torch
   import transformers
 
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count() or 1)
+  cuda = device == "cuda"
+  autocast = (
+    torch.autocast("cuda", dtype=getattr(torch, dtype)) if cuda and dtype != "float32" else contextlib.nullcontext()
+  )
   L, h, heads, inter = SHAPES[shape]
   cfg = transformers.BertConfig(
     num_hidden_layers=L, hidden_size=h, num_attention_heads=heads, intermediate_size=inter, num_labels=2
   )
-  model = transformers.BertForSequenceClassification(cfg).train()
+  model = transformers.BertForSequenceClassification(cfg).train().to(device)
   opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
-  ids = torch.randint(1000, 30000, (batch, seq))
-  mask = torch.ones(batch, seq, dtype=torch.long)
-  labels = torch.randint(0, 2, (batch,))
+  ids = torch.randint(1000, 30000, (batch, seq), device=device)
+  mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+  labels = torch.randint(0, 2, (batch,), device=device)
 
   def step():
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    with autocast:
+      loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if cuda:
+      torch.cuda.synchronize()
 
   times = _time(step, warmup, steps)
+  where = f", {torch.cuda.get_device_name()}, {dtype} autocast" if cuda else ""
   return {
-    "framework": f"transformers {transformers.__version__} PyTorch eager (torch {torch.__version__})",
+    "framework": f"transformers {transformers.__version__} PyTorch eager (torch {torch.__version__}{where})",
+    "device_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
     "times": times,
     "profile": _torch_profile(step) if profile else None,
     "profile_unit": "self CPU time per aten op, on the calling thread",
@@ -321,6 +351,28 @@ def worker_hf_flax(shape: str, batch: int, seq: int, warmup: int, steps: int) ->
     "times": times,
     "rss_gb": _peak_rss_gb(),
   }
+
+
+def worker_peak(dtype: str) -> dict:
+  """The matmul peak of JAX's default device: numpy's fp32 peak on the CPU (the best BLAS path
+  here), else a jitted n=8192 matmul in `dtype` on the accelerator (median of 10 after a warm-up)."""
+  import jax
+  import jax.numpy as jnp
+
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    return {"platform": "cpu", "what": "fp32 matmul peak (numpy, n=4096)", "gflops": matmul_peak()}
+  n = 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+  times = []
+  for _ in range(10):
+    t = time.perf_counter()
+    mm(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  what = f"{dtype} matmul peak ({dev.device_kind}, jax {jax.__version__}, n={n})"
+  return {"platform": dev.platform, "what": what, "gflops": 2 * n**3 / statistics.median(times) / 1e9}
 
 
 def matmul_peak(n: int = 4096, reps: int = 5) -> float:
@@ -407,6 +459,7 @@ def run_worker(
     + ["--dropout-bits", dropout_bits]
     + ([] if sparse_embed else ["--dense-embed"])
     + (["--profile"] if args.profile else [])
+    + ["--torch-device", args.torch_device]
   )
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if out.returncode:
@@ -425,6 +478,12 @@ def main() -> None:
   p.add_argument("--rng-impl", default="threefry2x32", help="our dropout bits: threefry2x32 | rbg")
   p.add_argument("--torch-python", default=None, help="python with torch + transformers (else a venv is made)")
   p.add_argument("--skip-torch", action="store_true")
+  p.add_argument(
+    "--torch-device", default="cpu", choices=["cpu", "cuda"], help="where the PyTorch side runs (cuda: on the GPU)"
+  )
+  p.add_argument(
+    "--peak-tflops", type=float, help="use this peak (e.g. the GPU's datasheet bf16 figure) instead of measuring it"
+  )
   p.add_argument(
     "--hf-flax", action="store_true", help="also time Hugging Face's Flax BERT (transformers 4.57) on our JAX"
   )
@@ -471,7 +530,7 @@ def main() -> None:
   p.add_argument("--norms", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--dense-embed", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--attention", default="", help=argparse.SUPPRESS)
-  p.add_argument("--worker", choices=["jax", "torch", "hf_flax"], help=argparse.SUPPRESS)
+  p.add_argument("--worker", choices=["jax", "torch", "hf_flax", "peak"], help=argparse.SUPPRESS)
   args = p.parse_args()
 
   if args.worker:
@@ -496,17 +555,24 @@ def main() -> None:
       )
     elif args.worker == "hf_flax":
       r = worker_hf_flax(shape, args.batch, args.seq, args.warmup, args.steps)
+    elif args.worker == "peak":
+      r = worker_peak(args.dtype)
     else:
-      r = worker_torch(shape, args.batch, args.seq, args.warmup, args.steps, args.profile)
+      r = worker_torch(
+        shape, args.batch, args.seq, args.warmup, args.steps, args.profile, args.torch_device, args.dtype
+      )
     print(json.dumps(r))
     return
 
-  peak = matmul_peak()
+  measured = run_worker(sys.executable, "peak", args, args.shapes[0], args.dtype)  # in a process of its own
+  peak = 1e3 * args.peak_tflops if args.peak_tflops else measured["gflops"]
   torch_py = None if args.skip_torch else ensure_torch_python(args.torch_python)
   flax_py = ensure_hf_flax_python(args.hf_flax_python) if args.hf_flax or args.hf_flax_python else None
+  on_cpu = measured["platform"] == "cpu"
   print(
-    f"fp32 matmul peak (numpy, n=4096): {peak:.0f} GFLOP/s; batch {args.batch}, seq {args.seq}; "
-    f"median of {args.steps} steps after {args.warmup} warm-ups"
+    f"{measured['what']}: {measured['gflops']:.0f} GFLOP/s"
+    + (f" (% of peak below uses the given {peak:.0f})" if args.peak_tflops else "")
+    + f"; batch {args.batch}, seq {args.seq}; median of {args.steps} steps after {args.warmup} warm-ups"
   )
   options = (
     ("PyTorch", torch_py),
@@ -517,7 +583,8 @@ def main() -> None:
   )
   reference = next((name for name, on in options if on), None)
   header = (
-    f"| shape | framework | s/step | ex/s | GFLOP/s | % of peak | peak RSS GB | XLA temp GB | speed vs {reference} |"
+    f"| shape | framework | s/step | ex/s | GFLOP/s | % of peak | {'peak RSS GB' if on_cpu else 'peak device GB'} "
+    f"| XLA temp GB | speed vs {reference} |"
   )
   header += " speed vs HF Flax |" if flax_py else ""
   print(header + "\n|" + "---|" * (10 if flax_py else 9))
@@ -540,7 +607,7 @@ def main() -> None:
           results.append(r)
     flax_row = run_worker(flax_py, "hf_flax", args, shape) if flax_py else None
     if torch_py:
-      results.append(run_worker(torch_py, "torch", args, shape))
+      results.append(run_worker(torch_py, "torch", args, shape, args.dtype))  # autocast dtype on cuda
     if torch_py or reference == "einsum":
       ref_row = results[-1] if torch_py else results[-2]
     else:
@@ -551,9 +618,10 @@ def main() -> None:
       med = statistics.median(r["times"])
       ratio = f"{ref / med:.2f}x" if ref else "-"
       temp = f"{r['temp_gb']:.2f}" if "temp_gb" in r else "-"
+      mem = r["rss_gb"] if on_cpu else r.get("device_gb")
       print(
         f"| {shape} | {r['framework']} | {med:.3f} | {args.batch / med:.2f} | {flops / med / 1e9:.0f} | "
-        f"{100 * flops / med / 1e9 / peak:.0f}% | {r['rss_gb']:.1f} | {temp} | {ratio} |"
+        f"{100 * flops / med / 1e9 / peak:.0f}% | {'-' if mem is None else f'{mem:.1f}'} | {temp} | {ratio} |"
         + (f" {flax_ref / med:.2f}x |" if flax_ref else "")
       )
     for r in results:
