@@ -584,7 +584,7 @@ def main() -> None:
   reference = next((name for name, on in options if on), None)
   header = (
     f"| shape | framework | s/step | ex/s | GFLOP/s | % of peak | {'peak RSS GB' if on_cpu else 'peak device GB'} "
-    f"| XLA temp GB | speed vs {reference} |"
+    f"| XLA temp GB | {f'speed vs {reference}' if reference else 'speed'} |"
   )
   header += " speed vs HF Flax |" if flax_py else ""
   print(header + "\n|" + "---|" * (10 if flax_py else 9))
