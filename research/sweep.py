@@ -204,7 +204,7 @@ def plot(root: Path, rows: list[dict], settings: list[dict], seeds: list[int]) -
   lo, hi = min(m - sd for m, sd in stats), max(m + sd for m, sd in stats)
   pad = max(0.5, 0.25 * (hi - lo))
   ax.set_ylim(lo - pad, hi + pad)  # zoomed to the results: settings differ by tenths, not tens
-  ax.set_title(f"{root.name}: mean ± std over seeds (how many, in brackets)", fontsize=10)
+  ax.set_title(f"{root.name}: mean ± std over seeds\n(seed count in brackets)", fontsize=10)
   fig.tight_layout()
   fig.savefig(root / "bars.png", dpi=120)
   plt.close(fig)
