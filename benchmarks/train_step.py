@@ -365,12 +365,7 @@ def worker_peak(dtype: str) -> dict:
   n = 8192
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
   mm = jax.jit(lambda x: x @ x)
-  mm(a).block_until_ready()
-  times = []
-  for _ in range(10):
-    t = time.perf_counter()
-    mm(a).block_until_ready()
-    times.append(time.perf_counter() - t)
+  times = _time(lambda: mm(a).block_until_ready(), warmup=1, steps=10)
   what = f"{dtype} matmul peak ({dev.device_kind}, jax {jax.__version__}, n={n})"
   return {"platform": dev.platform, "what": what, "gflops": 2 * n**3 / statistics.median(times) / 1e9}
 
@@ -379,12 +374,7 @@ def matmul_peak(n: int = 4096, reps: int = 5) -> float:
   import numpy as np
 
   a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-  a @ a
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    a @ a
-    times.append(time.perf_counter() - t)
+  times = _time(lambda: a @ a, warmup=1, steps=reps)
   return 2 * n**3 / statistics.median(times) / 1e9
 
 
