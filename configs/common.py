@@ -131,6 +131,7 @@ def run_control(c: ml_collections.ConfigDict, **overrides) -> None:
     log_every_steps=100,
     eval_every_steps=500,
     checkpoint_every_steps=500,
+    keep_every_steps=0,  # > 0: also keep every checkpoint whose step is a multiple (soups, analysis)
     best_metric="",  # "" = the task's main metric
     early_stopping_patience=0,  # > 0: stop after this many evals without a new best
     progress=True,

@@ -1,4 +1,6 @@
-"""Orbax checkpoints of {state, data position, config}, keeping the latest and the best.
+"""Orbax checkpoints of {state, data position, config}, keeping the latest and the best, and
+optionally every checkpoint whose step is a multiple of `keep_every` (for weight averaging
+along a run, or for analysis after it).
 
 Resume precedence (see `train.py`): the workdir's own latest checkpoint > `config.resume`
 (another run's checkpoint folder) > `config.init_from` (pretrained weights) > scratch.
@@ -25,21 +27,31 @@ class MismatchError(ValueError):
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` with the three items we save."""
 
-  def __init__(self, directory: str | Path, *, best_metric: str, best_mode: str = "max", read_only: bool = False):
+  def __init__(
+    self,
+    directory: str | Path,
+    *,
+    best_metric: str,
+    best_mode: str = "max",
+    keep_every: int = 0,
+    read_only: bool = False,
+  ):
     self.directory, self.best_metric = Path(directory), best_metric
     reverse = best_mode == "min"
 
     def metric(m: dict[str, float]) -> float:
       return m[best_metric]
 
-    # Keep the newest (to resume) and the best by dev metric (to use). `best_fn` with
-    # `max_to_keep` would delete the newest step, so the policy is spelled out.
-    policy = cm.AnyPreservationPolicy(
-      [
-        cm.LatestN(n=1),
-        cm.BestN(get_metric_fn=metric, reverse=reverse, n=1, keep_checkpoints_without_metrics=False),
-      ]
-    )
+    # Keep the newest (to resume), the best by dev metric (to use) and, if asked, every
+    # `keep_every` steps. `best_fn` with `max_to_keep` would delete the newest step, so the
+    # policy is spelled out.
+    keep = [
+      cm.LatestN(n=1),
+      cm.BestN(get_metric_fn=metric, reverse=reverse, n=1, keep_checkpoints_without_metrics=False),
+    ]
+    if keep_every:
+      keep.append(cm.EveryNSteps(interval_steps=keep_every))
+    policy = cm.AnyPreservationPolicy(keep)
     options = ocp.CheckpointManagerOptions(
       best_fn=metric,
       best_mode=best_mode,

@@ -160,7 +160,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   )
   del params
   mode = "max" if higher_is_better else "min"
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", best_metric=best_metric, best_mode=mode)
+  ckpt = checkpoint.Checkpointer(
+    workdir / "checkpoints", best_metric=best_metric, best_mode=mode, keep_every=config.keep_every_steps
+  )
   early_stop = {}
   config_dict = json.loads(config.to_json_best_effort())
   if ckpt.latest_step() is not None:
@@ -267,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
       do_eval = evals_at(step)
       do_log = logs_at(step) or preempt.requested
-      do_save = do_eval or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+      do_save = do_eval or any(n and step % n == 0 for n in (config.checkpoint_every_steps, config.keep_every_steps))
       if do_log or do_save:
         _accumulate(sums, host_metrics(pending))
         pending = None

@@ -278,11 +278,15 @@ def test_predict_split_text_and_export(small_glue, tmp_path):
 
 
 def test_ema_weights_are_what_is_evaluated_kept_and_predicted(small_glue, tmp_path):
-  """optimizer.ema > 0: dev metrics, the best checkpoint and Predictor all use the average."""
+  """optimizer.ema > 0: dev metrics, the best checkpoint and Predictor all use the average.
+  keep_every_steps > 0 also saves and keeps every multiple of it, whatever the save interval."""
   from research import optim, predict
 
   wd = tmp_path / "run"
-  result = train.train_and_evaluate(tiny_config(small_glue, **{"optimizer.ema": 0.9, "optimizer.lr": 1e-2}), wd)
+  c = tiny_config(small_glue, **{"optimizer.ema": 0.9, "optimizer.lr": 1e-2, "keep_every_steps": 3})
+  result = train.train_and_evaluate(c, wd)
+  kept = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+  assert kept == sorted({3, 6, 8, result["best_step"]})  # saved every 2 steps; 3 is saved for keeping
   _, state, _ = checkpoint.restore_on_host(wd / "checkpoints", 8)
   p = predict.Predictor(wd, step="latest")
   assert p.step == 8
