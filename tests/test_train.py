@@ -264,6 +264,8 @@ def test_predict_split_text_and_export(small_glue, tmp_path):
   assert out["examples"] == 41 and out["accuracy"] == result["final"]["accuracy"]
   rows = (tmp_path / "pred" / "sst2_dev_predictions.tsv").read_text().splitlines()
   assert rows[0] == "index\tprediction\tlabel" and len(rows) == 42
+  side = json.loads((tmp_path / "pred" / "sst2_dev_predictions.json").read_text())
+  assert side["runs"] == [{"workdir": str(wd), "step": 8}] and side["accuracy"] == out["accuracy"]
   got = predict.predict_texts(p, ["a gorgeous , witty film", "dull and lifeless"])
   assert [r["prediction"] in ("0", "1") for r in got] == [True, True]
   assert abs(sum(got[0]["probabilities"].values()) - 1) < 1e-3
@@ -287,6 +289,11 @@ def test_ema_weights_are_what_is_evaluated_kept_and_predicted(small_glue, tmp_pa
   result = train.train_and_evaluate(c, wd)
   kept = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
   assert kept == sorted({3, 6, 8, result["best_step"]})  # saved every 2 steps; 3 is saved for keeping
+  # Those checkpoints average into one model (a soup along the run); the .json names them.
+  soup = predict.predict_split(predict.load_runs(f"{wd}@3,{wd}@6"), "dev", tmp_path / "soup", "soup")
+  side = json.loads((tmp_path / "soup" / "sst2_dev_predictions.json").read_text())
+  assert [r["step"] for r in side["runs"]] == [3, 6] and side["combine"] == "soup"
+  assert side["accuracy"] == soup["accuracy"]
   _, state, _ = checkpoint.restore_on_host(wd / "checkpoints", 8)
   p = predict.Predictor(wd, step="latest")
   assert p.step == 8
