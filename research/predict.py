@@ -149,9 +149,10 @@ def combined_logits(runs: list[Predictor], examples: sources.Examples, how: str 
 
 
 def predict_split(p: Predictor | list[Predictor], split: str, out_dir: Path, combine: str = "ensemble") -> dict:
-  """Predict `split`, write the predictions TSV (a GLUE submission file for test splits) into
-  `out_dir` with a `.json` beside it naming the runs and steps it came from, and return the
-  metrics (dev splits). A second call into the same `out_dir` replaces both files."""
+  """Predict `split` into `out_dir`: for a test split the GLUE submission file only (nothing
+  else to leave out when zipping the folder); for a labeled split a predictions
+  TSV, a `.json` beside it naming the runs, steps and combination it came from, and the metrics
+  returned. A second call into the same `out_dir` replaces the files."""
   runs = p if isinstance(p, list) else [p]
   p = runs[0]
   d = p.config.data
@@ -163,15 +164,14 @@ def predict_split(p: Predictor | list[Predictor], split: str, out_dir: Path, com
     suffix = {"test_matched": "-m", "test_mismatched": "-mm"}.get(split, "")
     path = out_dir / f"{SUBMISSION_NAMES[p.task.name]}{suffix}.tsv"
     path.write_text("index\tprediction\n" + "".join(f"{i}\t{n}\n" for i, n in enumerate(names)))
-    result = {"file": str(path), "examples": len(names)}
-  else:
-    path = out_dir / f"{p.task.name}_{split}_predictions.tsv"
-    path.write_text(
-      "index\tprediction\tlabel\n"
-      + "".join(f"{i}\t{n}\t{lab}\n" for i, (n, lab) in enumerate(zip(names, examples.labels.tolist())))
-    )
-    result = {"file": str(path), "examples": len(names)}
-    result |= metrics.compute(p.task.metrics, logits, examples.labels, p.task.is_regression)
+    return {"file": str(path), "examples": len(names)}
+  path = out_dir / f"{p.task.name}_{split}_predictions.tsv"
+  path.write_text(
+    "index\tprediction\tlabel\n"
+    + "".join(f"{i}\t{n}\t{lab}\n" for i, (n, lab) in enumerate(zip(names, examples.labels.tolist())))
+  )
+  result = {"file": str(path), "examples": len(names)}
+  result |= metrics.compute(p.task.metrics, logits, examples.labels, p.task.is_regression)
   provenance = {"runs": [{"workdir": str(r.workdir), "step": r.step} for r in runs], "split": split}
   provenance |= {"combine": combine} if len(runs) > 1 else {}
   path.with_suffix(".json").write_text(json.dumps(provenance | result, indent=2) + "\n")
