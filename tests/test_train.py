@@ -219,6 +219,8 @@ def test_wrong_architecture_weights_folder(small_glue, tmp_path, minilm_dir):
 def test_batch_size_must_split_over_devices(small_glue, tmp_path):
   with pytest.raises(ValueError, match=r"batch_size=12 must be divisible by devices \(8\)"):
     train.train_and_evaluate(tiny_config(small_glue, batch_size=12), tmp_path)
+  with pytest.raises(ValueError, match=r"config.keep_every_steps=-5: must be >= 0"):
+    train.train_and_evaluate(tiny_config(small_glue, keep_every_steps=-5), tmp_path)
 
 
 def test_pmap_run_matches_jit_run_and_checkpoints_interchange(small_glue, tmp_path):
