@@ -216,9 +216,8 @@ def worker_jax(
     jax.block_until_ready(m["loss_sum"])
 
   times = _time(step, warmup, steps)
-  stats = jax.local_devices()[0].memory_stats() or {}  # empty on the CPU
   return {
-    "device_gb": stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None,
+    "device_gb": _jax_device_peak_gb(),
     "profile": _profile(step) if profile else None,
     "profile_unit": "summed over XLA's threads",
     "framework": f"ours (jax {jax.__version__}, {dtype}, {rng_impl} dropout{', remat' if remat else ''}"
@@ -350,7 +349,16 @@ def worker_hf_flax(shape: str, batch: int, seq: int, warmup: int, steps: int) ->
     "framework": f"transformers {transformers.__version__} Flax (jax {jax.__version__}, jitted)",
     "times": times,
     "rss_gb": _peak_rss_gb(),
+    "device_gb": _jax_device_peak_gb(),
   }
+
+
+def _jax_device_peak_gb() -> float | None:
+  """Peak memory of this process's first JAX device (GPU/TPU); None on the CPU, which keeps no stats."""
+  import jax
+
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None
 
 
 def worker_peak(dtype: str) -> dict:
