@@ -99,9 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   lm_task = config.task in LM_TASKS
   task = None if lm_task else tasks.get_task(config.task)
   loss_fn = losses.get_loss(config.loss or ("softmax_xent" if lm_task else task.default_loss))
-  for key in ("eval_every_steps", "checkpoint_every_steps", "keep_every_steps"):
-    if config[key] < 0:
-      raise ValueError(f"config.{key}={config[key]}: must be >= 0 (0 = never)")
+  _check_intervals(config)
 
   # --- Mesh ------------------------------------------------------------------------------
   mesh = parallel.make_mesh(config.num_devices, config.get("fsdp", 1))
@@ -331,6 +329,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 
 _LATEST = ("grad_norm", "param_norm", "update_norm", "lr")  # logged as their latest measured value
+
+
+def _check_intervals(config: ml_collections.ConfigDict) -> None:
+  for key in ("eval_every_steps", "checkpoint_every_steps", "keep_every_steps"):
+    if config[key] < 0:
+      raise ValueError(f"config.{key}={config[key]}: must be >= 0 (0 = never)")
 
 
 def _accumulate(sums: dict, m: dict) -> None:
