@@ -11,7 +11,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from research import parallel, train
+from research import compile_cache, parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/glue.py:task=sst2", lock_config=True
@@ -19,6 +19,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard events go.")
 _CACHE = flags.DEFINE_string(
   "compilation_cache", os.path.expanduser("~/.cache/research/jax"), "JAX persistent compilation cache ('' = off)."
+)
+_EXECUTABLES = flags.DEFINE_string(
+  "executable_cache",
+  os.path.expanduser("~/.cache/research/executables"),
+  "Compiled steps kept on disk, keyed on the source, config and shapes, so reruns skip tracing too ('' = off; "
+  "research/compile_cache.py).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -38,6 +44,7 @@ def main(argv):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   if _CACHE.value:
     jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+  compile_cache.enable(_EXECUTABLES.value)
   config = _CONFIG.value
   parallel.maybe_initialize_distributed(config.distributed)
   result = train.train_and_evaluate(config, Path(_WORKDIR.value))

@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from research import compile_cache
+
 log = logging.getLogger(__name__)
 
 
@@ -171,12 +173,13 @@ class Strategy:
     metrics = jax.device_get(metrics)
     return metrics if self.kind == "jit" else jax.tree.map(lambda x: x[0], metrics)
 
-  def compile_train(self, step_fn: Callable, donate: bool = True) -> Callable:
+  def compile_train(self, step_fn: Callable, donate: bool = True, key=None) -> Callable:
     """`step_fn(state, batch, *, reduce, sparse_embed)` -> compiled `(state, batch) -> (state, metrics)`.
     Under pmap each device sees its own rows, so the row-sparse embedding gradient (which takes
-    the batch's token ids as global) is turned off there."""
+    the batch's token ids as global) is turned off there. With a `key` (what the step bakes in
+    besides its source: `compile_cache`), jit executables are kept on disk."""
     if self.kind == "jit":
-      return self._lazy(lambda sh: compile_train_step(step_fn, self.mesh, donate, sh))
+      return self._lazy(lambda sh: self._cached(compile_train_step(step_fn, self.mesh, donate, sh), "train_step", key))
     psum = lambda tree: jax.lax.psum(tree, "data")  # noqa: E731
 
     def per_device(state, batch):
@@ -187,21 +190,27 @@ class Strategy:
 
     return jax.pmap(per_device, axis_name="data", donate_argnums=(0,) if donate else ())
 
-  def compile_eval(self, step_fn: Callable, params_of: Callable = lambda state: state.params) -> Callable:
+  def compile_eval(self, step_fn: Callable, params_of: Callable = lambda state: state.params, key=None) -> Callable:
     """`step_fn(params, batch, *, reduce)` -> compiled `(state, batch) -> outputs`, evaluating
     `params_of(state)` (e.g. the optimizer's moving average of the weights)."""
     if self.kind == "jit":
       return self._lazy(
-        lambda sh: compile_eval_step(lambda state, batch: step_fn(params_of(state), batch), self.mesh, sh)
+        lambda sh: self._cached(
+          compile_eval_step(lambda state, batch: step_fn(params_of(state), batch), self.mesh, sh), "eval_step", key
+        )
       )
     psum = lambda tree: jax.lax.psum(tree, "data")  # noqa: E731
     return jax.pmap(lambda state, batch: step_fn(params_of(state), batch, reduce=psum), axis_name="data")
 
-  def compile_params_fn(self, fn: Callable) -> Callable:
+  def compile_params_fn(self, fn: Callable, key=None) -> Callable:
     """`fn` over trees in the step's layout (e.g. its parameters): jit on the global arrays, or
     pmap on each device's replica, whose results come back one copy per device like the step's
     metrics (`scalars` takes the first)."""
-    return jax.jit(fn) if self.kind == "jit" else jax.pmap(fn)
+    return self._cached(jax.jit(fn), fn.__name__, key) if self.kind == "jit" else jax.pmap(fn)
+
+  @staticmethod
+  def _cached(jitted: Callable, name: str, key) -> Callable:
+    return jitted if key is None else compile_cache.cached(jitted, name, key)
 
   def _lazy(self, build: Callable) -> Callable:
     """jit once the state's tree is known (its shardings follow from the shapes)."""

@@ -205,14 +205,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     # Row-sparse embedding gradients need the fused adamw (and jit: pmap turns them off).
     sparse_embed=config.optimizer.get("sparse_embed_grad", True) and config.optimizer.name == "adamw",
   )
-  train_fn = strategy.compile_train(functools.partial(step_fn, norms=False), donate=config.donate)
-  snapshot = strategy.compile_params_fn(steps.copy_params)
-  measure_norms = strategy.compile_params_fn(steps.update_norms)
+  # What the programs bake in besides their source and argument shapes (compile_cache.py); the
+  # seed only picks the initial state's values.
+  program_key = {
+    "config": {k: v for k, v in config_dict.items() if k != "seed"},
+    "arch": arch,
+    "total_steps": total_steps,
+  }
+  train_fn = strategy.compile_train(functools.partial(step_fn, norms=False), donate=config.donate, key=program_key)
+  snapshot = strategy.compile_params_fn(steps.copy_params, key={})
+  measure_norms = strategy.compile_params_fn(steps.update_norms, key={})
   eval_fn = strategy.compile_eval(
     functools.partial(
       steps.eval_step, model=model, loss_fn=loss_fn, loss_kwargs=loss_kwargs, return_logits=not lm_task
     ),
     params_of=lambda s: optim.ema_params(s.params, s.opt_state),  # the raw weights unless optimizer.ema > 0
+    key=program_key,
   )
 
   # --- Loop ----------------------------------------------------------------------------------
