@@ -16,6 +16,7 @@ model, which needs the same architecture and head in every run (e.g. seeds of on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -198,6 +199,13 @@ def predict_texts(p: Predictor, lines: list[str]) -> list[dict]:
   return out
 
 
+def combined_out_dir(runs: list[Predictor], combine: str) -> Path:
+  """Where a combination's predictions go by default: a folder in the first run named by the
+  combination and its runs and steps, so another combination never replaces its files."""
+  members = "\n".join(f"{r.workdir.resolve()}@{r.step}" for r in runs)
+  return runs[0].workdir / f"predictions_{combine}_{hashlib.sha256(members.encode()).hexdigest()[:8]}"
+
+
 def _define_flags() -> None:
   """Flags exist only when this file is the program, so its functions import anywhere."""
   flags.DEFINE_string(
@@ -245,7 +253,7 @@ def main(argv):
       raise app.UsageError("several --workdir runs: give --combine (ensemble or soup) and --split, nothing else")
     for r in runs:
       print(f"# {r.workdir} step {r.step} ({r.task.name})", file=sys.stderr)
-    out = Path(f.out or runs[0].workdir / f"predictions_{f.combine}")
+    out = Path(f.out) if f.out else combined_out_dir(runs, f.combine)
     print(json.dumps(predict_split(runs, f.split, out, f.combine) | {"combine": f.combine, "runs": len(runs)}))
     return
   p = runs[0]

@@ -296,6 +296,22 @@ def test_ema_weights_are_what_is_evaluated_kept_and_predicted(small_glue, tmp_pa
   side = json.loads((tmp_path / "soup" / "sst2_dev_predictions.json").read_text())
   assert [r["step"] for r in side["runs"]] == [3, 6] and side["combine"] == "soup"
   assert side["accuracy"] == soup["accuracy"]
+  # By default each combination gets its own folder (named by its runs and steps).
+  runs36, runs38 = predict.load_runs(f"{wd}@3,{wd}@6"), predict.load_runs(f"{wd}@3,{wd}@8")
+  assert predict.combined_out_dir(runs36, "soup") == predict.combined_out_dir(
+    predict.load_runs(f"{wd}@3,{wd}@6"), "soup"
+  )
+  assert (
+    len(
+      {
+        predict.combined_out_dir(runs36, "soup"),
+        predict.combined_out_dir(runs38, "soup"),
+        predict.combined_out_dir(runs36, "ensemble"),
+      }
+    )
+    == 3
+  )
+  assert predict.combined_out_dir(runs36, "soup").parent == wd
   _, state, _ = checkpoint.restore_on_host(wd / "checkpoints", 8)
   p = predict.Predictor(wd, step="latest")
   assert p.step == 8
