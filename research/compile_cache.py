@@ -43,6 +43,7 @@ from jax.experimental import serialize_executable
 log = logging.getLogger(__name__)
 
 _DIR: Path | None = None
+MAX_BYTES = 4 * 2**30  # past this the least recently used files are deleted
 # How each compile went, from JAX's monitoring events: a backend compile (the XLA compilation,
 # or a load from JAX's persistent cache) and a persistent-cache hit.
 _events = {"/jax/core/compile/backend_compile_duration": 0, "/jax/compilation_cache/cache_hits": 0}
@@ -55,7 +56,6 @@ def _count(event: str, *_, **__) -> None:
 
 jax.monitoring.register_event_listener(_count)
 jax.monitoring.register_event_duration_secs_listener(_count)
-MAX_BYTES = 4 * 2**30  # the oldest files go first past this
 
 
 def enable(directory: str | os.PathLike | None) -> None:
