@@ -123,3 +123,29 @@ def test_a_program_from_jaxs_own_cache_is_not_kept(tmp_path):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
   np.testing.assert_allclose(out, fn(x), rtol=1e-6)
   assert not list(tmp_path.glob("*.bin"))
+
+
+def test_a_loaded_program_keeps_the_mesh_device_order(tmp_path, monkeypatch):
+  """On a mesh whose devices are not in id order, each shard of a loaded program's output is
+  the one the compiled program puts on that device."""
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = Mesh(np.array(jax.devices())[[3, 1, 0, 2, 7, 5, 4, 6]], ("data",))
+  sh = NamedSharding(mesh, P("data"))
+
+  def f(x):  # each shard is marked with its position on the mesh
+    return jax.shard_map(
+      lambda b: b * 10 + jax.lax.axis_index("data"), mesh=mesh, in_specs=P("data"), out_specs=P("data")
+    )(x)
+
+  fn = jax.jit(f, in_shardings=sh, out_shardings=sh)
+  x = jax.device_put(jnp.arange(8.0), sh)
+  built = _counting(monkeypatch)
+  compiled = compile_cache._Cached(fn, "o", "{}", tmp_path)(x)
+  loaded = compile_cache._Cached(fn, "o", "{}", tmp_path)(x)
+  assert built == ["o"]  # the second came from the file
+  np.testing.assert_array_equal(loaded, np.arange(8.0) * 11)
+  for a, b in zip(compiled.addressable_shards, loaded.addressable_shards, strict=True):
+    assert a.device == b.device
+    np.testing.assert_array_equal(a.data, b.data)
