@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from research import checkpoint, finetune, metrics, optim
+from research import checkpoint, compile_cache, finetune, metrics, optim
 from research.data import pipeline, sources, tasks
 from research.models import convert
 from research.models.bert import BertClassifier, BertConfig
@@ -89,7 +90,9 @@ class Predictor:
         self.bert_cfg = self.bert_cfg.without_lora()
       self.pooling = arch.get("pooling", "cls")
       self.model = BertClassifier(self.bert_cfg, self.task.num_labels, dtype=dtype, pooling=self.pooling)
-    self._apply = jax.jit(lambda p, b: self.model.apply({"params": p}, *(b[k] for k in MODEL_INPUTS if k in b)))
+    apply = jax.jit(lambda p, b: self.model.apply({"params": p}, *(b[k] for k in MODEL_INPUTS if k in b)))
+    # The program bakes in the module (its repr lists every field) besides its source and shapes.
+    self._apply = compile_cache.cached(apply, "predict_logits", {"model": repr(self.model)})
 
   def logits(self, examples: sources.Examples, batch_size: int = 64, params=None) -> np.ndarray:
     """Logits for `examples` (NxC), with this run's weights or the given `params` (same tree)."""
@@ -219,6 +222,11 @@ def _define_flags() -> None:
   flags.DEFINE_bool("stdin", False, "Classify one text (or tab-separated pair) per stdin line.")
   flags.DEFINE_string("export_hf", None, "Write a Hugging Face BertForSequenceClassification folder here.")
   flags.DEFINE_string("export_mlm", None, "Masked-LM run: write a Hugging Face BertForMaskedLM folder here.")
+  flags.DEFINE_string(
+    "executable_cache",
+    os.path.expanduser("~/.cache/research/executables"),
+    "Compiled programs kept on disk, as in research.main ('' = off; research/compile_cache.py).",
+  )
   flags.mark_flag_as_required("workdir")
 
 
@@ -244,6 +252,7 @@ def main(argv):
   for noisy in ("absl", "orbax", "jax._src"):  # checkpoint-restore chatter; errors still show
     logging.getLogger(noisy).setLevel(logging.WARNING)
   f = flags.FLAGS
+  compile_cache.enable(f.executable_cache)
   if f.export_mlm:
     print(f"exported to {export_mlm(f.workdir, f.export_mlm, f.step)}", file=sys.stderr)
     return

@@ -95,6 +95,17 @@ def test_a_rerun_loads_every_program_and_trains_identically(small_glue, tmp_path
   assert runs[0][0] == runs[1][0] and runs[0][1]["final"] == runs[1][1]["final"]
   files = sorted(p.name for p in (tmp_path / "executables").iterdir())
   assert len(files) == 5 and all(f.endswith(".bin") for f in files)
+  # research.predict's program too: the second run's predictor loads what the first one's compiled.
+  from research import predict
+
+  built.clear()
+  first = predict.predict_split(predict.Predictor(tmp_path / "first"), "dev", tmp_path / "p1")
+  assert built == ["predict_logits"]
+  second = predict.predict_split(predict.Predictor(tmp_path / "second"), "dev", tmp_path / "p2")
+  assert built == ["predict_logits"] and first["accuracy"] == second["accuracy"]
+  assert (tmp_path / "p1" / "sst2_dev_predictions.tsv").read_text() == (
+    tmp_path / "p2" / "sst2_dev_predictions.tsv"
+  ).read_text()
 
 
 def test_the_oldest_files_go_first_past_the_size_limit(tmp_path):
