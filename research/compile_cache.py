@@ -16,10 +16,12 @@ This cache is keyed on what decides the program instead, and stores the executab
 
 Anything else a caller bakes into a program must go into `key`: that is the price of skipping
 the trace. Only programs XLA has just compiled are saved: one that JAX's persistent cache
-supplied runs, but is not kept (see `_load_or_compile`). Off unless `enable(dir)` is called (`research.main` does, with its `--executable_cache` folder,
-default `~/.cache/research/executables`; '' turns it off); on several processes, or when an
-executable cannot be serialized, steps fall back to plain `jax.jit`. A file that fails to load
-is compiled again and replaced.
+supplied runs, but is not kept (see `_load_or_compile`).
+
+Off unless `enable(dir)` is called (`research.main` and `research.predict` do, with their
+`--executable_cache` folder, default `~/.cache/research/executables`; '' turns it off). On
+several processes, or when an executable cannot be serialized, programs fall back to plain
+`jax.jit`. A file that fails to load is compiled again and replaced.
 """
 
 from __future__ import annotations
