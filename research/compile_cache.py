@@ -18,10 +18,10 @@ Anything else a caller bakes into a program must go into `key`: that is the pric
 the trace. Only programs XLA has just compiled are saved: one that JAX's persistent cache
 supplied runs, but is not kept (see `_load_or_compile`).
 
-Off unless `enable(dir)` is called (`research.main` and `research.predict` do, with their
-`--executable_cache` folder, default `~/.cache/research/executables`; '' turns it off). On
-several processes, or when an executable cannot be serialized, programs fall back to plain
-`jax.jit`. A file that fails to load is compiled again and replaced.
+Off unless `enable(dir)` is called (`research.main`, `research.predict` and `research.generate`
+do, with their `--executable_cache` folder, default `~/.cache/research/executables`; '' turns
+it off). On several processes, or when an executable cannot be serialized, programs fall back
+to plain `jax.jit`. A file that fails to load is compiled again and replaced.
 """
 
 from __future__ import annotations

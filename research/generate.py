@@ -11,7 +11,9 @@ compare the cache against).
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from research import compile_cache
 from research.models.gpt import GPT, init_cache
 
 
@@ -48,8 +51,7 @@ def _pick(logits_BxV, rng, temperature, top_k, top_p):
   return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "use_cache"))
-def generate(
+def _generate(
   params,
   prompt_BxP: jax.Array,
   rng: jax.Array,
@@ -92,6 +94,22 @@ def generate(
   return toks_NxB.T, logits_NxBxV.swapaxes(0, 1)
 
 
+_STATICS = ("model", "max_new_tokens", "temperature", "top_k", "top_p", "use_cache")
+generate = jax.jit(_generate, static_argnames=_STATICS)
+_SAMPLING_DEFAULTS = {
+  k: p.default for k, p in inspect.signature(_generate).parameters.items() if p.default is not inspect.Parameter.empty
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _program(model: GPT, max_new_tokens: int, temperature: float, top_k: int, top_p: float, use_cache: bool):
+  """`generate` with these settings as one program, kept in the executable cache when that is on
+  (`research.generate` turns it on: the Shakespeare GPT's two programs compile in ~7 s)."""
+  statics = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, use_cache=use_cache)
+  fn = jax.jit(functools.partial(_generate, model=model, **statics))
+  return compile_cache.cached(fn, "generate", {"model": repr(model), **statics})
+
+
 def generate_long(params, prompt_BxP, rng, *, model: GPT, max_new_tokens: int, **sampling) -> np.ndarray:
   """Any number of tokens from a model with a finite context: once the window is full, keep its
   last half as the new prompt (nanoGPT crops the context the same way) and continue."""
@@ -104,9 +122,8 @@ def generate_long(params, prompt_BxP, rng, *, model: GPT, max_new_tokens: int, *
   while produced < max_new_tokens:
     ctx = out[:, -keep:] if out.shape[1] > keep and produced else out
     n = min(block - ctx.shape[1], max_new_tokens - produced)
-    toks, _ = generate(
-      params, jnp.asarray(ctx), jax.random.fold_in(rng, rounds), model=model, max_new_tokens=n, **sampling
-    )
+    program = _program(model, n, **(_SAMPLING_DEFAULTS | sampling))
+    toks, _ = program(params, jnp.asarray(ctx), jax.random.fold_in(rng, rounds))
     out = np.concatenate([out, np.asarray(toks)], axis=1)
     produced, rounds = produced + n, rounds + 1
   return out[:, -max_new_tokens:]
@@ -129,6 +146,11 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("num_samples", 1, "Samples drawn in one batch.")
   flags.DEFINE_bool("cache", True, "Use the KV cache.")
+  flags.DEFINE_string(
+    "executable_cache",
+    os.path.expanduser("~/.cache/research/executables"),
+    "Compiled programs kept on disk, as in research.main ('' = off; research/compile_cache.py).",
+  )
   flags.mark_flag_as_required("workdir")
 
 
@@ -158,6 +180,7 @@ def main(argv):
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   f = flags.FLAGS
+  compile_cache.enable(f.executable_cache)
   model, params, tok, at = load(f.workdir, f.step)
   prompt = np.asarray([tok.encode(f.prompt)] * f.num_samples, np.int32)
   print(f"# {f.workdir} step {at}; prompt {prompt.shape[1]} tokens", file=sys.stderr)

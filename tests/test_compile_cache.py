@@ -160,3 +160,23 @@ def test_a_loaded_program_keeps_the_mesh_device_order(tmp_path, monkeypatch):
   for a, b in zip(compiled.addressable_shards, loaded.addressable_shards, strict=True):
     assert a.device == b.device
     np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_generation_loads_its_programs_and_samples_the_same(tmp_path, monkeypatch, without_jax_caches):
+  """research.generate's programs (one per window length) load in a new process, same tokens."""
+  from research import generate
+  from research.models.gpt import GPT, GPTConfig
+
+  built = _counting(monkeypatch)
+  monkeypatch.setattr(compile_cache, "_DIR", tmp_path)
+  model = GPT(GPTConfig(vocab_size=17, block_size=24, num_layers=2, num_heads=2, hidden_size=16))
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  runs = []
+  for _ in range(2):
+    generate._program.cache_clear()  # as in a new process
+    prompt = np.zeros((2, 3), np.int32)
+    runs.append(generate.generate_long(params, prompt, jax.random.key(0), model=model, max_new_tokens=50, top_k=5))
+    if len(runs) == 1:
+      assert built == ["generate"] * 3  # the first window (21 new tokens), then 12 at a time, then the last 5
+  assert built == ["generate"] * 3
+  np.testing.assert_array_equal(runs[0], runs[1])
