@@ -1,4 +1,4 @@
-"""Compiled step programs kept on disk, so that a rerun skips tracing and lowering too.
+"""Compiled programs kept on disk, so that a rerun skips tracing and lowering too.
 
 JAX's persistent compilation cache (on by default, `research/main.py`) is keyed on the lowered
 program: a warm start still traces the step in Python and lowers it to StableHLO before the
