@@ -20,12 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 _CACHE = flags.DEFINE_string(
   "compilation_cache", os.path.expanduser("~/.cache/research/jax"), "JAX persistent compilation cache ('' = off)."
 )
-_EXECUTABLES = flags.DEFINE_string(
-  "executable_cache",
-  os.path.expanduser("~/.cache/research/executables"),
-  "Compiled steps kept on disk, keyed on the source, config and shapes, so reruns skip tracing too ('' = off; "
-  "research/compile_cache.py).",
-)
+_EXECUTABLES = compile_cache.define_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -222,11 +221,7 @@ def _define_flags() -> None:
   flags.DEFINE_bool("stdin", False, "Classify one text (or tab-separated pair) per stdin line.")
   flags.DEFINE_string("export_hf", None, "Write a Hugging Face BertForSequenceClassification folder here.")
   flags.DEFINE_string("export_mlm", None, "Masked-LM run: write a Hugging Face BertForMaskedLM folder here.")
-  flags.DEFINE_string(
-    "executable_cache",
-    os.path.expanduser("~/.cache/research/executables"),
-    "Compiled programs kept on disk, as in research.main ('' = off; research/compile_cache.py).",
-  )
+  compile_cache.define_flag()
   flags.mark_flag_as_required("workdir")
 
 
