@@ -142,6 +142,7 @@ def worker_jax(
   dropout_bits: str = "jax",
   profile: bool = False,
   sparse_embed: bool = True,
+  matmul_dtype: str = "float32",
 ) -> dict:
   """`attention` set (einsum | xla | cudnn | auto): that kernel, without attention-probability
   dropout (the fused kernels have none), so the rows of one --fused comparison match."""
@@ -166,6 +167,7 @@ def worker_jax(
     intermediate_size=inter,
     remat=remat,
     dropout_bits=dropout_bits,
+    matmul_dtype=matmul_dtype,
   )
   if attention:
     cfg = dataclasses.replace(cfg, attention=attention, attention_probs_dropout_prob=0.0)
@@ -226,6 +228,7 @@ def worker_jax(
     + (", param/update norms" if norms else "")
     + ("" if sparse_embed or optax_chain else ", dense embedding gradient")
     + (f", {dropout_bits} dropout draws" if dropout_bits != "jax" else "")
+    + (f", {matmul_dtype} matmuls" if matmul_dtype != "float32" else "")
     + (f", attention {attention}, no attention dropout)" if attention else ")"),
     "temp_gb": temp_gb,
     "times": times,
@@ -259,7 +262,8 @@ def worker_torch(
   device: str = "cpu",
   dtype: str = "float32",
 ) -> dict:
-  """`device` cuda: the same step on the GPU, under `torch.autocast` in `dtype` unless float32."""
+  """Under `torch.autocast` in `dtype` unless float32 (on the CPU: oneDNN's bf16 kernels, AMX
+  where the CPU has it); `device` cuda: the same step on the GPU."""
   import contextlib
 
   import torch
@@ -268,9 +272,7 @@ def worker_torch(
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count() or 1)
   cuda = device == "cuda"
-  autocast = (
-    torch.autocast("cuda", dtype=getattr(torch, dtype)) if cuda and dtype != "float32" else contextlib.nullcontext()
-  )
+  autocast = torch.autocast(device, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
   L, h, heads, inter = SHAPES[shape]
   cfg = transformers.BertConfig(
     num_hidden_layers=L, hidden_size=h, num_attention_heads=heads, intermediate_size=inter, num_labels=2
@@ -292,7 +294,7 @@ def worker_torch(
       torch.cuda.synchronize()
 
   times = _time(step, warmup, steps)
-  where = f", {torch.cuda.get_device_name()}, {dtype} autocast" if cuda else ""
+  where = (f", {torch.cuda.get_device_name()}" if cuda else "") + (f", {dtype} autocast" if dtype != "float32" else "")
   return {
     "framework": f"transformers {transformers.__version__} PyTorch eager (torch {torch.__version__}{where})",
     "device_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
@@ -427,6 +429,7 @@ def run_worker(
   norms: bool = False,
   dropout_bits: str = "jax",
   sparse_embed: bool = True,
+  matmul_dtype: str = "float32",
 ) -> dict:
   cmd = (
     [
@@ -456,6 +459,7 @@ def run_worker(
     + (["--norms"] if norms else [])
     + ["--dropout-bits", dropout_bits]
     + ([] if sparse_embed else ["--dense-embed"])
+    + ["--matmul-dtype", matmul_dtype]
     + (["--profile"] if args.profile else [])
     + ["--torch-device", args.torch_device]
   )
@@ -519,6 +523,16 @@ def main() -> None:
     help="also time our step with the word embeddings' gradient dense (optimizer.sparse_embed_grad=False)",
   )
   p.add_argument(
+    "--bf16-matmul",
+    action="store_true",
+    help="also time our step with bf16 matmul operands and fp32 results (config.model.matmul_dtype=bfloat16)",
+  )
+  p.add_argument(
+    "--torch-bf16",
+    action="store_true",
+    help="also time PyTorch under torch.autocast(bfloat16) (on the CPU: oneDNN bf16 kernels, AMX where present)",
+  )
+  p.add_argument(
     "--profile",
     action="store_true",
     help="after timing, profile 2 steps of each row (ours: jax.profiler; PyTorch: torch.profiler)",
@@ -527,6 +541,7 @@ def main() -> None:
   p.add_argument("--optax-chain", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--norms", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--dense-embed", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--matmul-dtype", default="float32", help=argparse.SUPPRESS)
   p.add_argument("--attention", default="", help=argparse.SUPPRESS)
   p.add_argument("--worker", choices=["jax", "torch", "hf_flax", "peak"], help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -550,6 +565,7 @@ def main() -> None:
         args.dropout_bits,
         args.profile,
         not args.dense_embed,
+        args.matmul_dtype,
       )
     elif args.worker == "hf_flax":
       r = worker_hf_flax(shape, args.batch, args.seq, args.warmup, args.steps)
@@ -594,6 +610,7 @@ def main() -> None:
     ours += [{"optax_chain": True}, {"norms": True}] if args.optimizer_levers else []
     ours += [{"sparse_embed": False}] if args.dense_embed_grad else []
     ours += [{"dropout_bits": "hash"}] if args.hash_dropout else []
+    ours += [{"matmul_dtype": "bfloat16"}] if args.bf16_matmul else []
     ours += [{"attention": a} for a in ("einsum", args.fused)] if args.fused else []
     results = []
     for round_ in range(args.rounds):  # interleaved: a drift in the host's speed hits every row alike
@@ -605,7 +622,8 @@ def main() -> None:
           results.append(r)
     flax_row = run_worker(flax_py, "hf_flax", args, shape) if flax_py else None
     if torch_py:
-      results.append(run_worker(torch_py, "torch", args, shape, args.dtype))  # autocast dtype on cuda
+      results.append(run_worker(torch_py, "torch", args, shape, args.dtype))  # autocast unless float32
+      torch_bf16 = run_worker(torch_py, "torch", args, shape, "bfloat16") if args.torch_bf16 else None
     if torch_py or reference == "einsum":
       ref_row = results[-1] if torch_py else results[-2]
     else:
@@ -622,6 +640,15 @@ def main() -> None:
         f"{100 * flops / med / 1e9 / peak:.0f}% | {'-' if mem is None else f'{mem:.1f}'} | {temp} | {ratio} |"
         + (f" {flax_ref / med:.2f}x |" if flax_ref else "")
       )
+    if torch_py and args.torch_bf16:
+      med = statistics.median(torch_bf16["times"])
+      print(
+        f"| {shape} | {torch_bf16['framework']} | {med:.3f} | {args.batch / med:.2f} | {flops / med / 1e9:.0f} | "
+        f"{100 * flops / med / 1e9 / peak:.0f}% | {torch_bf16['rss_gb']:.1f} | - | {ref / med:.2f}x |"
+      )
+      for r in results:
+        if "bfloat16 matmuls" in r["framework"]:
+          print(f"  (bf16 against bf16: ours / PyTorch autocast = {med / statistics.median(r['times']):.2f}x)")
     for r in results:
       if r.get("xla_flops"):
         print(

@@ -80,6 +80,10 @@ def model_config(name: str) -> ml_collections.ConfigDict:
       # Dropout's random draws: jax (jax.random.bits, 16 bits per decision) | hash (a keyed hash of
       # each element's index, fused into the mask: faster on CPU; research/models/dropout.py)
       dropout_bits="jax",
+      # BERT's dense layers' matmul operands: float32 | bfloat16 (bf16 operands, fp32 accumulation
+      # and results, forward and backward; all else stays in `dtype`). bfloat16 is ~1.7x the MiniLM
+      # step on a CPU with AMX (XLA:CPU's YNNPACK dots); research/models/bert.py bf16_matmul
+      matmul_dtype="float32",
       # pooling=cls: run the last layer for the [CLS] tokens alone (the head reads nothing else;
       # same logits, ~1/num_layers less encoder work). False = every token, as HF does.
       last_layer_cls_only=True,

@@ -285,3 +285,54 @@ def test_erf_gelu_is_the_exact_gelu():
   np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
   grad = jax.vmap(jax.grad(gelu))(x)
   np.testing.assert_allclose(grad, jax.vmap(jax.grad(lambda y: jax.nn.gelu(y, approximate=False)))(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("i,o", [(48, 32), (32, 48)])  # the weight gradient in fp32 / through the bf16 transpose
+def test_bf16_matmul_multiplies_bf16_operands_into_fp32_forward_and_backward(i, o):
+  from research.models.bert import bf16_matmul
+
+  kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+  x, k, g = jax.random.normal(kx, (64, i)), jax.random.normal(kk, (i, o)), jax.random.normal(kg, (64, o))
+  r = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731  (bf16 rounding)
+  hi = jax.lax.Precision.HIGHEST
+  y, vjp = jax.vjp(jax.jit(bf16_matmul), x, k)
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(y, jnp.dot(r(x), r(k), precision=hi), rtol=1e-5, atol=1e-5)
+  dx, dk = vjp(g)
+  assert dx.dtype == dk.dtype == jnp.float32
+  np.testing.assert_allclose(dx, jnp.dot(r(g), r(k).T, precision=hi), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dk, jnp.dot(r(x).T, r(g), precision=hi), rtol=1e-5, atol=1e-4)
+  # and within bf16's rounding of the fp32 product and its gradients
+  _, vjp32 = jax.vjp(lambda a, b: jnp.dot(a, b, precision=hi), x, k)
+  for got, want in zip((y, dx, dk), (jnp.dot(x, k, precision=hi), *vjp32(g)), strict=True):
+    assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 2e-2
+
+
+def test_bf16_matmul_model_keeps_the_parameters_and_the_meaning(minilm, tokenizer):
+  """matmul_dtype=bfloat16 changes no parameter (pretrained weights load unchanged) and keeps
+  the checkpoint's sentence embeddings to within bf16 rounding."""
+  cfg, encoder = minilm
+  b16 = dataclasses.replace(cfg, matmul_dtype="bfloat16")
+  ids = jnp.zeros((1, 8), jnp.int32)
+  shapes = lambda c: jax.tree.map(
+    jnp.shape, BertEncoder(c).init(jax.random.key(0), ids, ids + 1, ids, train=False)["params"]
+  )  # noqa: E731
+  assert shapes(cfg) == shapes(b16)
+  batch = tokenizer(
+    ["A man is playing a guitar.", "The stock market fell sharply today."], padding=True, return_tensors="np"
+  )
+  args = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+  h32, _ = _encode(cfg, encoder, *args)
+  h16, _ = _encode(b16, encoder, *args)
+  assert h16.dtype == jnp.float32
+  e32, e16 = mean_pool(h32, batch["attention_mask"]), mean_pool(h16, batch["attention_mask"])
+  cos = (e32 * e16).sum(-1) / jnp.linalg.norm(e32, axis=-1) / jnp.linalg.norm(e16, axis=-1)
+  assert float(cos.min()) > 0.999, cos
+  assert not np.allclose(h16, h32, atol=1e-5)  # it does run in bf16
+  mc = common.model_config("tiny")
+  mc.matmul_dtype = "float16"
+  with pytest.raises(ValueError, match="config.model.matmul_dtype='float16': expected float32 or bfloat16"):
+    build.build_model(mc, 2, 100, jax.random.key(0))
+  mc.matmul_dtype, mc.arch = "bfloat16", "bow"
+  with pytest.raises(ValueError, match="config.model.matmul_dtype: bf16 matmuls are wired into BERT only"):
+    build.build_model(mc, 2, 100, jax.random.key(0))

@@ -52,6 +52,10 @@ class BertConfig:
   # Dropout's random draws: "jax" (jax.random.bits) or "hash" (a keyed hash of each element's
   # index, computed where the mask is applied; faster on CPU), see research/models/dropout.py.
   dropout_bits: str = "jax"
+  # The dense layers' matmul operands: "float32", or "bfloat16" (bf16 operands, fp32 accumulation
+  # and output, in the backward pass too; every other op stays in the model's dtype). Not part
+  # of HF's config; see `bf16_matmul`.
+  matmul_dtype: str = "float32"
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> BertConfig:
@@ -112,10 +116,74 @@ class LoraDense(nn.Module):
     return y + (self.alpha / self.rank) * ((x @ a_IxR.astype(self.dtype)) @ b_RxO.astype(self.dtype))
 
 
+def _bf16_dot(x_MxI, kernel_IxO, contract):
+  return jax.lax.dot_general(
+    x_MxI.astype(jnp.bfloat16),
+    kernel_IxO.astype(jnp.bfloat16),
+    (contract, ((), ())),
+    preferred_element_type=jnp.float32,
+  )
+
+
+@jax.custom_vjp
+def bf16_matmul(x_MxI, kernel_IxO):
+  """x @ kernel with bf16 operands and an fp32 result; the backward pass multiplies in bf16 too
+  (the output gradient rounded to bf16, fp32 results), as JAX's own transpose of a mixed dot
+  would multiply fp32 by bf16, which XLA:CPU runs as an fp32 matmul.
+
+  Why: XLA:CPU (jax 0.12) hands a bf16 x bf16 -> fp32 dot to YNNPACK, which uses the CPU's bf16
+  matrix instructions (AMX, AVX512-BF16; ~4x the fp32 rate on an AMX host), only when its left
+  operand is row-major with the contracting dimension last; otherwise it runs it in fp32. The
+  weight gradient x^T g contracts x's first dimension, and XLA turns a transpose into a layout
+  change rather than a copy, so x^T is made physically by a matmul with the identity (exact:
+  one product per output) when that costs no more than the weight gradient itself (I <= O);
+  XLA's CSE shares it between the query, key and value projections of one input."""
+  return _bf16_dot(x_MxI, kernel_IxO, ((1,), (0,)))
+
+
+def _bf16_matmul_fwd(x_MxI, kernel_IxO):
+  return bf16_matmul(x_MxI, kernel_IxO), (x_MxI.astype(jnp.bfloat16), kernel_IxO.astype(jnp.bfloat16))
+
+
+def _bf16_transpose(a_MxK):
+  """a^T, materialized row-major: identity (K x K) times a, contracting a's last dimension."""
+  k = a_MxK.shape[1]
+  eye_KxK = jax.lax.broadcasted_iota(jnp.int32, (k, k), 0) == jax.lax.broadcasted_iota(jnp.int32, (k, k), 1)
+  return _bf16_dot(eye_KxK.astype(jnp.bfloat16), a_MxK, ((1,), (1,))).astype(jnp.bfloat16)
+
+
+def _bf16_matmul_bwd(res, g_MxO):
+  x_MxI, kernel_IxO = res
+  g = g_MxO.astype(jnp.bfloat16)
+  dx = _bf16_dot(g, kernel_IxO, ((1,), (1,)))
+  if x_MxI.shape[1] <= kernel_IxO.shape[1]:
+    return dx, _bf16_dot(_bf16_transpose(x_MxI), g, ((1,), (0,)))
+  return dx, _bf16_dot(x_MxI, g, ((0,), (0,)))  # runs in fp32 on XLA:CPU
+
+
+bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+class Bf16Dense(nn.Module):
+  """nn.Dense (same parameters) whose matmul has bf16 operands and an fp32 result."""
+
+  features: int
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x_BxLxI):
+    kernel_IxO = self.param("kernel", self.kernel_init, (x_BxLxI.shape[-1], self.features))
+    bias_O = self.param("bias", nn.initializers.zeros, (self.features,))
+    y = bf16_matmul(x_BxLxI.reshape(-1, x_BxLxI.shape[-1]), kernel_IxO) + bias_O[None, :]
+    return y.reshape(*x_BxLxI.shape[:-1], self.features)
+
+
 def _dense(features: int, cfg: BertConfig, dtype: Any, name: str) -> nn.Module:
   init = nn.initializers.normal(cfg.initializer_range)
   if cfg.lora_rank and name in cfg.lora_targets:
     return LoraDense(features, cfg.lora_rank, cfg.lora_alpha, dtype=dtype, kernel_init=init, name=name)
+  if cfg.matmul_dtype == "bfloat16":
+    return Bf16Dense(features, kernel_init=init, name=name)
   return nn.Dense(features, dtype=dtype, kernel_init=init, name=name)
 
 

@@ -38,6 +38,7 @@ def _bert_config(mc: ml_collections.ConfigDict, vocab_size: int, base: BertConfi
     "remat": mc.get("remat", False),
     "attention": mc.get("attention", "einsum"),
     "dropout_bits": _dropout_bits(mc),
+    "matmul_dtype": _matmul_dtype(mc),
   } | extra
   cfg = BertConfig(**(base.to_dict() | overrides))
   check_attention(cfg)
@@ -51,6 +52,13 @@ def _dropout_bits(mc: ml_collections.ConfigDict) -> str:
   if bits not in dropout.IMPLS:
     raise ValueError(f"config.model.dropout_bits={bits!r}: expected one of {', '.join(dropout.IMPLS)}")
   return bits
+
+
+def _matmul_dtype(mc: ml_collections.ConfigDict) -> str:
+  dt = mc.get("matmul_dtype", "float32")
+  if dt not in ("float32", "bfloat16"):
+    raise ValueError(f"config.model.matmul_dtype={dt!r}: expected float32 or bfloat16")
+  return dt
 
 
 def check_attention(cfg: BertConfig) -> None:
@@ -74,6 +82,8 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
   def init(fn):
     return (parallel.init_sharded(fn, rng, mesh=mesh) if mesh is not None else jax.jit(fn)(rng))["params"]
 
+  if mc.arch in ("gpt", "bow") and _matmul_dtype(mc) != "float32":
+    raise ValueError(f"config.model.matmul_dtype: bf16 matmuls are wired into BERT only, not arch={mc.arch!r}")
   if mc.arch == "gpt":
     if mc.get("attention", "einsum") != "einsum":
       raise ValueError("config.model.attention: the fused kernels are wired into BERT only; use einsum for GPT")
@@ -132,6 +142,7 @@ _FREE_ARCH_FIELDS = {
   "attention_probs_dropout_prob",
   "dropout",
   "dropout_bits",
+  "matmul_dtype",
 }
 
 

@@ -257,9 +257,9 @@ def params_to_hf(params: dict, cfg: BertConfig, prefix: str = "bert.") -> dict[s
 
 
 def _hf_config(cfg: BertConfig) -> dict:
-  """Our config's HF fields (LoRA, remat and the dropout draws are training-time options HF has
+  """Our config's HF fields (LoRA, remat, the dropout draws and the matmul dtype are training-time options HF has
   no field for)."""
-  own = ("remat", "dropout_bits")
+  own = ("remat", "dropout_bits", "matmul_dtype")
   return {k: v for k, v in cfg.to_dict().items() if not k.startswith("lora_") and k not in own} | {"model_type": "bert"}
 
 
