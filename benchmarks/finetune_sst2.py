@@ -25,6 +25,9 @@ becomes N x 32 sentences' worth of packed steps), so they take fewer, fuller ste
 (`--config.finetune.strategy=top_k --config.finetune.top_k=6`: every layer trains, the 11.9M
 embedding parameters get no gradient and no AdamW update): a recipe change, so its row names it,
 and its dev accuracy is the check that it costs nothing.
+`--matmul-dtype bfloat16` runs ours with bf16 matmul operands (`config.model.matmul_dtype`);
+`--trainer-bf16` adds a second `Trainer` run with `bf16=True` (CPU autocast), its mixed
+precision; the speed column stays against the fp32 `Trainer`, the baseline.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ def run_ours(
   rng_impl: str = "",
   frozen_embeddings: bool = False,
   dropout_bits: str = "",
+  matmul_dtype: str = "",
 ) -> dict:
   work = Path(tempfile.mkdtemp(prefix="ft_sst2_ours_"))
   n = steps or 0
@@ -89,6 +93,8 @@ def run_ours(
     cmd.append(f"--config.rng_impl={rng_impl}")
   if dropout_bits:
     cmd.append(f"--config.model.dropout_bits={dropout_bits}")
+  if matmul_dtype:
+    cmd.append(f"--config.model.matmul_dtype={matmul_dtype}")
   if pack_rows:  # the same examples as `n` steps of 32, in fewer packed steps
     cmd += [f"--config.data.pack_rows={pack_rows}", f"--config.num_epochs={n * 32 / SST2_TRAIN if n else 1}"]
     cmd += ["--config.eval_every_steps=100000", "--config.checkpoint_every_steps=100000"]
@@ -106,6 +112,7 @@ def run_ours(
     "side": f"ours (research.main, jax, {layout}, {label} compile cache"
     + (", rbg" if rng_impl == "rbg" else "")
     + (f", {dropout_bits} dropout draws" if dropout_bits else "")
+    + (f", {matmul_dtype} matmuls" if matmul_dtype else "")
     + ")",
     "steps": s["step"],
     "examples": s["step"] * s.get("examples_per_step", 32),
@@ -116,14 +123,16 @@ def run_ours(
   }
 
 
-def run_trainer(python: str, steps: int, seed: int, glue_dir: str, model_dir: str) -> dict:
+def run_trainer(python: str, steps: int, seed: int, glue_dir: str, model_dir: str, bf16: bool = False) -> dict:
   cmd = [python, __file__, "--worker", "--steps", str(steps), "--seed", str(seed), "--glue_dir", glue_dir]
+  cmd += ["--trainer-bf16"] if bf16 else []
   out, wall, rss = _run(cmd + ["--model_dir", model_dir], "Trainer run")
   return json.loads(out.strip().splitlines()[-1]) | {"wall_s": wall, "rss_gb": rss}
 
 
-def trainer_worker(steps: int, seed: int, glue_dir: str, model_dir: str) -> dict:
-  """Runs in the torch venv: transformers' Trainer, the recipe in the module docstring."""
+def trainer_worker(steps: int, seed: int, glue_dir: str, model_dir: str, bf16: bool = False) -> dict:
+  """Runs in the torch venv: transformers' Trainer, the recipe in the module docstring; `bf16`:
+  its mixed precision (`TrainingArguments(bf16=True)`: torch.autocast on the CPU)."""
   import csv
 
   import numpy as np
@@ -174,6 +183,7 @@ def trainer_worker(steps: int, seed: int, glue_dir: str, model_dir: str) -> dict
     use_cpu=True,
     seed=seed,
     dataloader_num_workers=0,
+    bf16=bf16,
   )
 
   def accuracy(p):
@@ -191,7 +201,8 @@ def trainer_worker(steps: int, seed: int, glue_dir: str, model_dir: str) -> dict
   out = trainer.train()
   ev = trainer.evaluate()
   return {
-    "side": f"transformers {transformers.__version__} Trainer (torch {torch.__version__}, dynamic padding)",
+    "side": f"transformers {transformers.__version__} Trainer (torch {torch.__version__}, dynamic padding"
+    + (", bf16=True)" if bf16 else ")"),
     "steps": out.global_step,
     "examples": 32 * out.global_step,
     "train_s": out.metrics["train_runtime"],
@@ -212,11 +223,15 @@ def main() -> None:
   p.add_argument("--rng-impl", default="", help="our dropout PRNG: threefry2x32 (default) or rbg")
   p.add_argument("--dropout-bits", default="", help="our dropout draws: jax (default) or hash")
   p.add_argument("--frozen-embeddings", action="store_true", help="also packed runs with the embeddings frozen")
+  p.add_argument("--matmul-dtype", default="", help="our dense layers' matmul operands: float32 (default) or bfloat16")
+  p.add_argument(
+    "--trainer-bf16", action="store_true", help="also run the Trainer with bf16=True (CPU autocast) after its fp32 run"
+  )
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--model_dir", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
-    print(json.dumps(trainer_worker(args.steps, args.seed, args.glue_dir, args.model_dir)))
+    print(json.dumps(trainer_worker(args.steps, args.seed, args.glue_dir, args.model_dir, args.trainer_bf16)))
     return
 
   sys.path.insert(0, str(REPO))
@@ -230,7 +245,17 @@ def main() -> None:
     cache = tempfile.mkdtemp(prefix="ft_sst2_jax_cache_")  # empty: the first run compiles, the second loads
     for label in ("cold",) if args.cold_only else ("cold", "warm"):
       rows.append(
-        run_ours(args.steps, args.seed, glue_dir, cache, label, pack, args.rng_impl, dropout_bits=args.dropout_bits)
+        run_ours(
+          args.steps,
+          args.seed,
+          glue_dir,
+          cache,
+          label,
+          pack,
+          args.rng_impl,
+          dropout_bits=args.dropout_bits,
+          matmul_dtype=args.matmul_dtype,
+        )
       )
   if args.frozen_embeddings:
     cache = tempfile.mkdtemp(prefix="ft_sst2_jax_cache_")
@@ -246,12 +271,18 @@ def main() -> None:
           args.rng_impl,
           frozen_embeddings=True,
           dropout_bits=args.dropout_bits,
+          matmul_dtype=args.matmul_dtype,
         )
       )
   if not args.skip_torch:
     python = ensure_torch_python(args.torch_python)
-    rows.append(run_trainer(python, args.steps, args.seed, glue_dir, str(resolve_pretrained("minilm"))))
-  ref = None if args.skip_torch else rows[-1]  # the Trainer
+    model_dir = str(resolve_pretrained("minilm"))
+    rows.append(run_trainer(python, args.steps, args.seed, glue_dir, model_dir))
+    ref = rows[-1]  # the Trainer in fp32, its default
+    if args.trainer_bf16:
+      rows.append(run_trainer(python, args.steps, args.seed, glue_dir, model_dir, bf16=True))
+  else:
+    ref = None
   print(
     f"SST-2, all-MiniLM-L6-v2, {rows[-1]['examples']:.0f} training sentences per side (batch 32; packed: the"
     f" same number in fewer, fuller steps), seed {args.seed}; one dev eval at the end"

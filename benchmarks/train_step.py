@@ -10,6 +10,8 @@
     .venv/bin/python benchmarks/train_step.py --dense-embed-grad  # + the embedding gradient dense
     .venv/bin/python benchmarks/train_step.py --hash-dropout --skip-torch --rounds 4 --profile
                         # the A/B four times interleaved, and where each step's op time goes
+    .venv/bin/python benchmarks/train_step.py --bf16-matmul --torch-bf16
+                        # + bf16 matmul operands (ours) beside PyTorch under CPU autocast (bf16)
 
 Both sides train BertForSequenceClassification-shaped models (2 labels) with AdamW, fp32,
 dropout on, on the same batch/sequence shape; each runs in its own subprocess so peak RSS
@@ -37,6 +39,12 @@ looked up (`optimizer.sparse_embed_grad`). `--optimizer-levers` adds a row with 
 (clip_by_global_norm -> adamw with the decay mask, dense gradients) in its place, and a row with
 the norms on (the program the trainer runs on its logging steps); `--dense-embed-grad` a row
 with the embedding gradient dense (a zero-filled 30,522 x H array with the batch's rows added in).
+`--bf16-matmul` adds our step with `model.matmul_dtype=bfloat16` (the dense layers' matmuls take
+bf16 operands into fp32, forward and backward; all else fp32), and `--torch-bf16` PyTorch under
+`torch.autocast("cpu", torch.bfloat16)` (oneDNN's bf16 kernels; its matmul outputs are bf16):
+the two mixed-precision modes, compared with each other and with the fp32 PyTorch row. The
+"% of peak" column stays against the fp32 peak. Every JAX worker runs with the trainer's XLA:CPU
+flags (`research/xla_env.py`).
 
 On a GPU (JAX's default backend not the CPU) the same script measures the accelerator: the peak
 is a jitted n=8192 matmul in the run's `--dtype` on the device (or `--peak-tflops`, a datasheet
@@ -578,6 +586,10 @@ def main() -> None:
     print(json.dumps(r))
     return
 
+  sys.path.insert(0, str(REPO))
+  from research import xla_env
+
+  xla_env.set_cpu_flags()  # the trainer's XLA:CPU flags, for every JAX worker (ours and HF Flax)
   measured = run_worker(sys.executable, "peak", args, args.shapes[0], args.dtype)  # in a process of its own
   peak = 1e3 * args.peak_tflops if args.peak_tflops else measured["gflops"]
   torch_py = None if args.skip_torch else ensure_torch_python(args.torch_python)

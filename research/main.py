@@ -11,7 +11,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from research import compile_cache, parallel, train
+from research import compile_cache, parallel, train, xla_env
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/glue.py:task=sst2", lock_config=True
@@ -24,16 +24,9 @@ _EXECUTABLES = compile_cache.define_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-# XLA:CPU fuses dots and reductions into YNNPACK kernels with this: the 0.8M-parameter GPT step
-# is 1.13x faster (benchmarks/xla_cpu_flags.py) and the MiniLM step unchanged. Set before the
-# backend starts; a user's own XLA_FLAGS win.
-_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
-
-
 def main(argv):
   del argv
-  if "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _CPU_FLAGS).strip()
+  xla_env.set_cpu_flags()  # before the backend starts; a user's own XLA_FLAGS win
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s] %(message)s")
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -119,6 +119,26 @@ def test_fsdp_step_equals_single_device(fsdp, monkeypatch):
     parallel.make_mesh(8, fsdp=3)
 
 
+def test_bf16_matmul_step_shards_like_the_single_device_step(monkeypatch):
+  """model.matmul_dtype=bfloat16 under data parallelism and FSDP: the single-device trajectory
+  (fp32 summation order apart, which can flip a bf16 rounding), and close to the fp32 step's."""
+  import dataclasses
+
+  monkeypatch.setattr(parallel, "FSDP_MIN_SIZE", 64)
+  cfg = dataclasses.replace(CFG, matmul_dtype="bfloat16")
+  batches = [_batch(seed=s) for s in range(3)]
+  one, h1 = _run(parallel.make_mesh(1), batches, cfg=cfg)
+  for mesh in (parallel.make_mesh(8), parallel.make_mesh(8, fsdp=4)):
+    other, h = _run(mesh, batches, cfg=cfg)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one.params, other.params)
+    for a, b in zip(h1, h, strict=True):
+      np.testing.assert_allclose(a["loss_sum"], b["loss_sum"], rtol=1e-4)
+  fp32, h32 = _run(parallel.make_mesh(1), batches)
+  for a, b in zip(h1, h32, strict=True):
+    np.testing.assert_allclose(a["loss_sum"], b["loss_sum"], rtol=1e-2)
+    assert a["loss_sum"] != b["loss_sum"]  # the matmuls did run in bf16
+
+
 def test_sharded_init_builds_each_devices_shards_only(monkeypatch):
   """Under fsdp, random parameters and the optimizer state are created straight into their shards
   (jit with out_shardings): the same values as a whole-array init, never whole on one device."""
