@@ -53,8 +53,8 @@ class BertConfig:
   # index, computed where the mask is applied; faster on CPU), see research/models/dropout.py.
   dropout_bits: str = "jax"
   # The dense layers' matmul operands: "float32", or "bfloat16" (bf16 operands, fp32 accumulation
-  # and output, in the backward pass too; every other op stays in the model's dtype). Not part
-  # of HF's config; see `bf16_matmul`.
+  # and output, in the backward pass too; every other op, and LoRA-adapted projections, stay in
+  # the model's dtype). Not part of HF's config; see `bf16_matmul`.
   matmul_dtype: str = "float32"
 
   @classmethod
