@@ -241,7 +241,10 @@ def main() -> None:
 
   glue_dir = str(Path(args.glue_dir or default_glue_dir()).resolve())
   rows = []
-  for pack in ([] if args.skip_buckets else [0]) + ([args.pack_rows] if args.pack_rows else []):
+  layouts = [(0, False)] if not args.skip_buckets else []  # (pack_rows, embeddings frozen)
+  layouts += [(args.pack_rows, False)] if args.pack_rows else []
+  layouts += [(args.pack_rows or 4, True)] if args.frozen_embeddings else []
+  for pack, frozen in layouts:
     cache = tempfile.mkdtemp(prefix="ft_sst2_jax_cache_")  # empty: the first run compiles, the second loads
     for label in ("cold",) if args.cold_only else ("cold", "warm"):
       rows.append(
@@ -253,23 +256,7 @@ def main() -> None:
           label,
           pack,
           args.rng_impl,
-          dropout_bits=args.dropout_bits,
-          matmul_dtype=args.matmul_dtype,
-        )
-      )
-  if args.frozen_embeddings:
-    cache = tempfile.mkdtemp(prefix="ft_sst2_jax_cache_")
-    for label in ("cold",) if args.cold_only else ("cold", "warm"):
-      rows.append(
-        run_ours(
-          args.steps,
-          args.seed,
-          glue_dir,
-          cache,
-          label,
-          args.pack_rows or 4,
-          args.rng_impl,
-          frozen_embeddings=True,
+          frozen_embeddings=frozen,
           dropout_bits=args.dropout_bits,
           matmul_dtype=args.matmul_dtype,
         )

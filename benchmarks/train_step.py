@@ -477,6 +477,15 @@ def run_worker(
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _print_bf16_pair(results: list[dict]) -> None:
+  """Ours with bf16 matmul operands against PyTorch under bf16 autocast, when both ran."""
+  mine = [r for r in results if "bfloat16 matmuls" in r["framework"]]
+  theirs = [r for r in results if "bfloat16 autocast" in r["framework"]]
+  if mine and theirs:
+    ratio = statistics.median(theirs[0]["times"]) / statistics.median(mine[0]["times"])
+    print(f"  (bf16 against bf16: ours / PyTorch autocast = {ratio:.2f}x)")
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--shapes", nargs="+", default=["minilm"], choices=sorted(SHAPES))
@@ -635,12 +644,13 @@ def main() -> None:
     flax_row = run_worker(flax_py, "hf_flax", args, shape) if flax_py else None
     if torch_py:
       results.append(run_worker(torch_py, "torch", args, shape, args.dtype))  # autocast unless float32
-      torch_bf16 = run_worker(torch_py, "torch", args, shape, "bfloat16") if args.torch_bf16 else None
     if torch_py or reference == "einsum":
       ref_row = results[-1] if torch_py else results[-2]
     else:
       ref_row = results[1] if reference == "every token" else results[0]
     ref = statistics.median(ref_row["times"]) if reference else None
+    if torch_py and args.torch_bf16:  # PyTorch's mixed precision, after the reference row
+      results.append(run_worker(torch_py, "torch", args, shape, "bfloat16"))
     flax_ref = statistics.median(flax_row["times"]) if flax_row else None
     for r in results + ([flax_row] if flax_row else []):
       med = statistics.median(r["times"])
@@ -652,15 +662,7 @@ def main() -> None:
         f"{100 * flops / med / 1e9 / peak:.0f}% | {'-' if mem is None else f'{mem:.1f}'} | {temp} | {ratio} |"
         + (f" {flax_ref / med:.2f}x |" if flax_ref else "")
       )
-    if torch_py and args.torch_bf16:
-      med = statistics.median(torch_bf16["times"])
-      print(
-        f"| {shape} | {torch_bf16['framework']} | {med:.3f} | {args.batch / med:.2f} | {flops / med / 1e9:.0f} | "
-        f"{100 * flops / med / 1e9 / peak:.0f}% | {torch_bf16['rss_gb']:.1f} | - | {ref / med:.2f}x |"
-      )
-      for r in results:
-        if "bfloat16 matmuls" in r["framework"]:
-          print(f"  (bf16 against bf16: ours / PyTorch autocast = {med / statistics.median(r['times']):.2f}x)")
+    _print_bf16_pair(results)
     for r in results:
       if r.get("xla_flops"):
         print(
