@@ -158,7 +158,10 @@ def _bf16_matmul_bwd(res, g_MxO):
   dx = _bf16_dot(g, kernel_IxO, ((1,), (1,)))
   if x_MxI.shape[1] <= kernel_IxO.shape[1]:
     return dx, _bf16_dot(_bf16_transpose(x_MxI), g, ((1,), (0,)))
-  return dx, _bf16_dot(x_MxI, g, ((0,), (0,)))  # runs in fp32 on XLA:CPU
+  # Runs in fp32 on XLA:CPU. Not (g^T x)^T: XLA folds a transpose of a bf16 -> fp32 dot's result
+  # into swapped operands that YNNPACK refuses, and the fallback fails at run time (jax 0.12:
+  # "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32").
+  return dx, _bf16_dot(x_MxI, g, ((0,), (0,)))
 
 
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
