@@ -45,7 +45,12 @@ from jax.experimental import serialize_executable
 log = logging.getLogger(__name__)
 
 _DIR: Path | None = None
+# The entry points' `--executable_cache` flag (research.main, research.predict, research.generate).
 DEFAULT_DIR = os.path.expanduser("~/.cache/research/executables")
+FLAG_HELP = (
+  "Compiled programs kept on disk, keyed on the source, config and shapes, so reruns skip tracing too "
+  "('' = off; research/compile_cache.py)."
+)
 MAX_BYTES = 4 * 2**30  # past this the least recently used files are deleted
 # How each compile went, from JAX's monitoring events: a backend compile (the XLA compilation,
 # or a load from JAX's persistent cache) and a persistent-cache hit.
@@ -65,18 +70,6 @@ def enable(directory: str | os.PathLike | None) -> None:
   """Keep executables under `directory` (None: off)."""
   global _DIR
   _DIR = Path(directory) if directory else None
-
-
-def define_flag():
-  """`--executable_cache`, for the entry points (research.main, research.predict, research.generate)."""
-  from absl import flags
-
-  return flags.DEFINE_string(
-    "executable_cache",
-    DEFAULT_DIR,
-    "Compiled programs kept on disk, keyed on the source, config and shapes, so reruns skip tracing too "
-    "('' = off; research/compile_cache.py).",
-  )
 
 
 def cached(fn: Callable, name: str, key) -> Callable:

@@ -146,7 +146,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("num_samples", 1, "Samples drawn in one batch.")
   flags.DEFINE_bool("cache", True, "Use the KV cache.")
-  compile_cache.define_flag()
+  flags.DEFINE_string("executable_cache", compile_cache.DEFAULT_DIR, compile_cache.FLAG_HELP)
   flags.mark_flag_as_required("workdir")
 
 

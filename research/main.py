@@ -20,7 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 _CACHE = flags.DEFINE_string(
   "compilation_cache", os.path.expanduser("~/.cache/research/jax"), "JAX persistent compilation cache ('' = off)."
 )
-_EXECUTABLES = compile_cache.define_flag()
+_EXECUTABLES = flags.DEFINE_string("executable_cache", compile_cache.DEFAULT_DIR, compile_cache.FLAG_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -221,7 +221,7 @@ def _define_flags() -> None:
   flags.DEFINE_bool("stdin", False, "Classify one text (or tab-separated pair) per stdin line.")
   flags.DEFINE_string("export_hf", None, "Write a Hugging Face BertForSequenceClassification folder here.")
   flags.DEFINE_string("export_mlm", None, "Masked-LM run: write a Hugging Face BertForMaskedLM folder here.")
-  compile_cache.define_flag()
+  flags.DEFINE_string("executable_cache", compile_cache.DEFAULT_DIR, compile_cache.FLAG_HELP)
   flags.mark_flag_as_required("workdir")
 
 
