@@ -2,7 +2,10 @@
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -287,7 +290,7 @@ def test_erf_gelu_is_the_exact_gelu():
   np.testing.assert_allclose(grad, jax.vmap(jax.grad(lambda y: jax.nn.gelu(y, approximate=False)))(x), atol=1e-6)
 
 
-@pytest.mark.parametrize("i,o", [(48, 32), (32, 48)])  # the weight gradient in fp32 / through the bf16 transpose
+@pytest.mark.parametrize("i,o", [(48, 32), (32, 48)])  # dw through g^T (I > O) / through x^T
 def test_bf16_matmul_multiplies_bf16_operands_into_fp32_forward_and_backward(i, o):
   from research.models.bert import bf16_matmul
 
@@ -306,6 +309,32 @@ def test_bf16_matmul_multiplies_bf16_operands_into_fp32_forward_and_backward(i, 
   _, vjp32 = jax.vjp(lambda a, b: jnp.dot(a, b, precision=hi), x, k)
   for got, want in zip((y, dx, dk), (jnp.dot(x, k, precision=hi), *vjp32(g)), strict=True):
     assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 2e-2
+
+
+def test_bf16_matmul_gradients_run_under_the_trainers_xla_flags(tmp_path):
+  """The suite runs without the trainer's YNNPACK flags (research/xla_env.py), under which XLA
+  hands bf16 dots to YNNPACK and some operand layouts fail at run time rather than at compile
+  time; so the VJP's every weight-gradient path runs here in a process with those flags."""
+  script = tmp_path / "vjp.py"
+  script.write_text(
+    "import sys; sys.path.insert(0, sys.argv[1])\n"
+    "from research import xla_env; xla_env.set_cpu_flags()\n"
+    "import jax, jax.numpy as jnp\n"
+    "from research.models.bert import bf16_matmul\n"
+    "r = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)\n"
+    "for i, o in ((96, 32), (32, 96), (32, 32)):\n"
+    "  x, k, g = (jax.random.normal(jax.random.key(n), s) for n, s in enumerate(((64, i), (i, o), (64, o))))\n"
+    "  y, vjp = jax.vjp(jax.jit(bf16_matmul), x, k)\n"
+    "  dx, dk = jax.jit(vjp)(g)\n"
+    "  for got, want in ((y, r(x) @ r(k)), (dx, r(g) @ r(k).T), (dk, r(x).T @ r(g))):\n"
+    "    assert float(jnp.abs(got - want).max()) < 1e-3, (i, o)\n"
+    "print('ok')\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  from conftest import REPO
+
+  out = subprocess.run([sys.executable, str(script), str(REPO)], env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 def test_bf16_matmul_model_keeps_the_parameters_and_the_meaning(minilm, tokenizer):
