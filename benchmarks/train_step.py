@@ -313,13 +313,15 @@ def worker_torch(
   }
 
 
-def worker_hf_flax(shape: str, batch: int, seq: int, warmup: int, steps: int) -> dict:
+def worker_hf_flax(shape: str, batch: int, seq: int, warmup: int, steps: int, dtype: str = "float32") -> dict:
   """Hugging Face's Flax BERT (transformers 4.x, the last with Flax classes) under jax.jit, as
   its `run_flax_glue.py` trains it: `model.__call__` with `dropout_rng`, optax AdamW (plus
-  clipping at 1.0, as the PyTorch side), donated state, on the same jax/XLA as ours."""
+  clipping at 1.0, as the PyTorch side), donated state, on the same jax/XLA as ours. `dtype`
+  bfloat16: its own mixed precision (`dtype=` of the model: bf16 computation, fp32 params)."""
   import functools
 
   import jax
+  import jax.numpy as jnp
   import numpy as np
   import optax
   import transformers
@@ -328,7 +330,7 @@ def worker_hf_flax(shape: str, batch: int, seq: int, warmup: int, steps: int) ->
   cfg = transformers.BertConfig(
     num_hidden_layers=L, hidden_size=h, num_attention_heads=heads, intermediate_size=inter, num_labels=2
   )
-  model = transformers.FlaxBertForSequenceClassification(cfg, seed=0)
+  model = transformers.FlaxBertForSequenceClassification(cfg, seed=0, dtype=jnp.dtype(dtype))
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(5e-5, weight_decay=0.01))
   rng = np.random.default_rng(0)
   ids = rng.integers(1000, 30000, (batch, seq)).astype(np.int32)
@@ -356,7 +358,8 @@ def worker_hf_flax(shape: str, batch: int, seq: int, warmup: int, steps: int) ->
 
   times = _time(step, warmup, steps)
   return {
-    "framework": f"transformers {transformers.__version__} Flax (jax {jax.__version__}, jitted)",
+    "framework": f"transformers {transformers.__version__} Flax (jax {jax.__version__}, jitted"
+    + (f", {dtype} compute)" if dtype != "float32" else ")"),
     "times": times,
     "rss_gb": _peak_rss_gb(),
     "device_gb": _jax_device_peak_gb(),
@@ -478,12 +481,13 @@ def run_worker(
 
 
 def _print_bf16_pair(results: list[dict]) -> None:
-  """Ours with bf16 matmul operands against PyTorch under bf16 autocast, when both ran."""
+  """Ours with bf16 matmul operands against PyTorch under bf16 autocast and HF Flax in bf16, when they ran."""
   mine = [r for r in results if "bfloat16 matmuls" in r["framework"]]
-  theirs = [r for r in results if "bfloat16 autocast" in r["framework"]]
-  if mine and theirs:
-    ratio = statistics.median(theirs[0]["times"]) / statistics.median(mine[0]["times"])
-    print(f"  (bf16 against bf16: ours / PyTorch autocast = {ratio:.2f}x)")
+  for tag, name in (("bfloat16 autocast", "PyTorch autocast"), ("bfloat16 compute", "HF Flax bf16")):
+    theirs = [r for r in results if tag in r["framework"]]
+    if mine and theirs:
+      ratio = statistics.median(theirs[0]["times"]) / statistics.median(mine[0]["times"])
+      print(f"  (bf16 against bf16: ours / {name} = {ratio:.2f}x)")
 
 
 def main() -> None:
@@ -585,7 +589,7 @@ def main() -> None:
         args.matmul_dtype,
       )
     elif args.worker == "hf_flax":
-      r = worker_hf_flax(shape, args.batch, args.seq, args.warmup, args.steps)
+      r = worker_hf_flax(shape, args.batch, args.seq, args.warmup, args.steps, args.dtype)
     elif args.worker == "peak":
       r = worker_peak(args.dtype)
     else:
@@ -642,6 +646,8 @@ def main() -> None:
         else:
           results.append(r)
     flax_row = run_worker(flax_py, "hf_flax", args, shape) if flax_py else None
+    # with --bf16-matmul, HF Flax's own mixed precision too (a row after the fp32 reference)
+    flax_bf16 = run_worker(flax_py, "hf_flax", args, shape, "bfloat16") if flax_py and args.bf16_matmul else None
     if torch_py:
       results.append(run_worker(torch_py, "torch", args, shape, args.dtype))  # autocast unless float32
     if torch_py or reference == "einsum":
@@ -652,7 +658,7 @@ def main() -> None:
     if torch_py and args.torch_bf16:  # PyTorch's mixed precision, after the reference row
       results.append(run_worker(torch_py, "torch", args, shape, "bfloat16"))
     flax_ref = statistics.median(flax_row["times"]) if flax_row else None
-    for r in results + ([flax_row] if flax_row else []):
+    for r in results + [r for r in (flax_row, flax_bf16) if r]:
       med = statistics.median(r["times"])
       ratio = f"{ref / med:.2f}x" if ref else "-"
       temp = f"{r['temp_gb']:.2f}" if "temp_gb" in r else "-"
@@ -662,7 +668,7 @@ def main() -> None:
         f"{100 * flops / med / 1e9 / peak:.0f}% | {'-' if mem is None else f'{mem:.1f}'} | {temp} | {ratio} |"
         + (f" {flax_ref / med:.2f}x |" if flax_ref else "")
       )
-    _print_bf16_pair(results)
+    _print_bf16_pair(results + ([flax_bf16] if flax_bf16 else []))
     for r in results:
       if r.get("xla_flops"):
         print(
