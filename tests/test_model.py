@@ -314,13 +314,14 @@ def test_bf16_matmul_multiplies_bf16_operands_into_fp32_forward_and_backward(i, 
 def test_bf16_matmul_gradients_run_under_the_trainers_xla_flags(tmp_path):
   """The suite runs without the trainer's YNNPACK flags (research/xla_env.py), under which XLA
   hands bf16 dots to YNNPACK and some operand layouts fail at run time rather than at compile
-  time; so the VJP's every weight-gradient path runs here in a process with those flags."""
+  time; so every weight-gradient path of both VJPs (x @ w, and x @ w^T for the masked-LM decoder)
+  runs here in a process with those flags."""
   script = tmp_path / "vjp.py"
   script.write_text(
     "import sys; sys.path.insert(0, sys.argv[1])\n"
     "from research import xla_env; xla_env.set_cpu_flags()\n"
     "import jax, jax.numpy as jnp\n"
-    "from research.models.bert import bf16_matmul\n"
+    "from research.models.bert import bf16_matmul, bf16_matmul_nt\n"
     "r = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)\n"
     "for i, o in ((96, 32), (32, 96), (32, 32)):\n"
     "  x, k, g = (jax.random.normal(jax.random.key(n), s) for n, s in enumerate(((64, i), (i, o), (64, o))))\n"
@@ -328,6 +329,10 @@ def test_bf16_matmul_gradients_run_under_the_trainers_xla_flags(tmp_path):
     "  dx, dk = jax.jit(vjp)(g)\n"
     "  for got, want in ((y, r(x) @ r(k)), (dx, r(g) @ r(k).T), (dk, r(x).T @ r(g))):\n"
     "    assert float(jnp.abs(got - want).max()) < 1e-3, (i, o)\n"
+    "  y, vjp = jax.vjp(jax.jit(bf16_matmul_nt), x, k.T)\n"  # x @ w^T, w stored O x I
+    "  dx, dw = jax.jit(vjp)(g)\n"
+    "  for got, want in ((y, r(x) @ r(k)), (dx, r(g) @ r(k).T), (dw, r(g).T @ r(x))):\n"
+    "    assert float(jnp.abs(got - want).max()) < 1e-3, ('nt', i, o)\n"
     "print('ok')\n"
   )
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -365,3 +370,31 @@ def test_bf16_matmul_model_keeps_the_parameters_and_the_meaning(minilm, tokenize
   mc.matmul_dtype, mc.arch = "bfloat16", "bow"
   with pytest.raises(ValueError, match="config.model.matmul_dtype: bf16 matmuls are wired into BERT only"):
     build.build_model(mc, 2, 100, jax.random.key(0))
+
+
+def test_bf16_matmul_masked_lm_decoder_matches_fp32():
+  """bert_mlm with matmul_dtype=bfloat16: the tied decoder (x @ E^T) multiplies in bf16 as well,
+  with the same parameters, and its logits and gradients stay within bf16 rounding of fp32's."""
+  from research.models.bert import BertForMaskedLM
+
+  cfg = BertConfig(
+    vocab_size=100,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    hidden_dropout_prob=0,
+  )
+  b16 = dataclasses.replace(cfg, matmul_dtype="bfloat16")
+  ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 100)
+  mask, types, pos = jnp.ones_like(ids), jnp.zeros_like(ids), jnp.array([[1, 5, 7], [0, 2, 11]])
+  params = BertForMaskedLM(cfg).init(jax.random.key(0), ids, mask, types, pos)["params"]
+
+  def loss(c):
+    return lambda p: (BertForMaskedLM(c).apply({"params": p}, ids, mask, types, pos) ** 2).mean()
+
+  (l32, g32), (l16, g16) = (jax.value_and_grad(loss(c))(params) for c in (cfg, b16))
+  assert jax.tree.map(jnp.shape, g32) == jax.tree.map(jnp.shape, g16)
+  assert abs(float(l16 - l32)) < 2e-2 * abs(float(l32)) and float(l16) != float(l32)
+  for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True):
+    assert float(jnp.abs(a - b).max()) <= 3e-2 * float(jnp.abs(b).max()) + 1e-6

@@ -169,6 +169,30 @@ def _bf16_matmul_bwd(res, g_MxO):
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
+@jax.custom_vjp
+def bf16_matmul_nt(x_MxI, w_OxI):
+  """x @ w^T with bf16 operands and an fp32 result, forward and backward, as `bf16_matmul`; for a
+  weight stored output-major (the masked-LM decoder's tied word embeddings, V x H)."""
+  return _bf16_dot(x_MxI, w_OxI, ((1,), (1,)))
+
+
+def _bf16_matmul_nt_fwd(x_MxI, w_OxI):
+  return bf16_matmul_nt(x_MxI, w_OxI), (x_MxI.astype(jnp.bfloat16), w_OxI.astype(jnp.bfloat16))
+
+
+def _bf16_matmul_nt_bwd(res, g_MxO):
+  x_MxI, w_OxI = res
+  g = g_MxO.astype(jnp.bfloat16)
+  dx = _bf16_dot(g, w_OxI, ((1,), (0,)))
+  if w_OxI.shape[0] <= x_MxI.shape[1]:  # dw = g^T x, g^T materialized (see bf16_matmul)
+    return dx, _bf16_dot(_bf16_transpose(g), x_MxI, ((1,), (0,)))
+  dw_IxO = _bf16_dot(_bf16_transpose(x_MxI), g, ((1,), (0,)))  # the smaller x^T; barrier: see above
+  return dx, jax.lax.optimization_barrier(dw_IxO).T
+
+
+bf16_matmul_nt.defvjp(_bf16_matmul_nt_fwd, _bf16_matmul_nt_bwd)
+
+
 class Bf16Dense(nn.Module):
   """nn.Dense (same parameters) whose matmul has bf16 operands and an fp32 result."""
 
@@ -411,4 +435,7 @@ class BertForMaskedLM(nn.Module):
     h = _layer_norm(cfg, "mlm_norm")(_ACTIVATIONS[cfg.hidden_act](h))
     embedding_VxH = self.variables["params"]["bert"]["token_embed"]["embedding"]
     bias_V = self.param("mlm_bias", nn.initializers.zeros, (cfg.vocab_size,))
+    if cfg.matmul_dtype == "bfloat16":
+      b, p = h.shape[:2]
+      return bf16_matmul_nt(h.reshape(b * p, -1), embedding_VxH).reshape(b, p, -1) + bias_V[None, None, :]
     return jnp.einsum("blh,vh->blv", h.astype(jnp.float32), embedding_VxH) + bias_V[None, None, :]
