@@ -152,18 +152,22 @@ def _bf16_transpose(a_MxK):
   return _bf16_dot(eye_KxK.astype(jnp.bfloat16), a_MxK, ((1,), (1,))).astype(jnp.bfloat16)
 
 
+def _bf16_outer(a_MxA, b_MxB):
+  """a^T b (A x B, contracting M) with bf16 operands: the smaller of a^T and b^T is materialized
+  (see bf16_matmul). When that is b^T, the product is (b^T a)^T, and the barrier keeps XLA from
+  folding that transpose of a bf16 -> fp32 dot's result into swapped operands, which YNNPACK
+  refuses and whose fallback fails at run time (jax 0.12: "Unsupported element type for
+  DotThunk::Execute: BF16 x BF16 = F32"). For mlp_out's weight gradient (I > O) 2.5x XLA's own
+  fp32 dot at 4096 x 1536 x 384."""
+  if a_MxA.shape[1] <= b_MxB.shape[1]:
+    return _bf16_dot(_bf16_transpose(a_MxA), b_MxB, ((1,), (0,)))
+  return jax.lax.optimization_barrier(_bf16_dot(_bf16_transpose(b_MxB), a_MxA, ((1,), (0,)))).T
+
+
 def _bf16_matmul_bwd(res, g_MxO):
   x_MxI, kernel_IxO = res
   g = g_MxO.astype(jnp.bfloat16)
-  dx = _bf16_dot(g, kernel_IxO, ((1,), (1,)))
-  if x_MxI.shape[1] <= kernel_IxO.shape[1]:
-    return dx, _bf16_dot(_bf16_transpose(x_MxI), g, ((1,), (0,)))
-  # I > O (mlp_out): transpose the smaller g instead and compute dw^T = g^T x. The barrier keeps
-  # XLA from folding the transpose of that bf16 -> fp32 dot's result into swapped operands, which
-  # YNNPACK refuses and whose fallback fails at run time (jax 0.12: "Unsupported element type for
-  # DotThunk::Execute: BF16 x BF16 = F32"). 2.5x XLA's own fp32 dot for x^T g at 4096 x 1536 x 384.
-  dw_OxI = _bf16_dot(_bf16_transpose(g), x_MxI, ((1,), (0,)))
-  return dx, jax.lax.optimization_barrier(dw_OxI).T
+  return _bf16_dot(g, kernel_IxO, ((1,), (1,))), _bf16_outer(x_MxI, g)
 
 
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
@@ -183,11 +187,7 @@ def _bf16_matmul_nt_fwd(x_MxI, w_OxI):
 def _bf16_matmul_nt_bwd(res, g_MxO):
   x_MxI, w_OxI = res
   g = g_MxO.astype(jnp.bfloat16)
-  dx = _bf16_dot(g, w_OxI, ((1,), (0,)))
-  if w_OxI.shape[0] <= x_MxI.shape[1]:  # dw = g^T x, g^T materialized (see bf16_matmul)
-    return dx, _bf16_dot(_bf16_transpose(g), x_MxI, ((1,), (0,)))
-  dw_IxO = _bf16_dot(_bf16_transpose(x_MxI), g, ((1,), (0,)))  # the smaller x^T; barrier: see above
-  return dx, jax.lax.optimization_barrier(dw_IxO).T
+  return _bf16_dot(g, w_OxI, ((1,), (0,))), _bf16_outer(g, x_MxI)
 
 
 bf16_matmul_nt.defvjp(_bf16_matmul_nt_fwd, _bf16_matmul_nt_bwd)
