@@ -658,7 +658,7 @@ def main() -> None:
     if torch_py and args.torch_bf16:  # PyTorch's mixed precision, after the reference row
       results.append(run_worker(torch_py, "torch", args, shape, "bfloat16"))
     flax_ref = statistics.median(flax_row["times"]) if flax_row else None
-    for r in results + [r for r in (flax_row, flax_bf16) if r]:
+    for r in results + [row for row in (flax_row, flax_bf16) if row]:
       med = statistics.median(r["times"])
       ratio = f"{ref / med:.2f}x" if ref else "-"
       temp = f"{r['temp_gb']:.2f}" if "temp_gb" in r else "-"

@@ -46,8 +46,8 @@ warmup then linear decay to 0 over one epoch, sequence packing (4 rows x 128 tok
   configs/ablations/sst2_recipe.py (mean pooling, lr 1e-4, layer-wise lr decay 0.8, weight EMA
   0.999), whose runs peaked on dev around steps 1,500-2,500 of 4,210 and then fell back (best
   90.5 +- 0.1, final 90.1 +- 0.2), in one epoch on packed rows, so that the schedule ends near
-  that peak. From a 1,200-step TAPT run with bf16 matmuls (~1.35x the fp32 pretraining's steps
-  per second on an AMX host); the fine-tune itself is fp32:
+  that peak. From a 1,200-step TAPT run with bf16 matmuls (~1.27x the steps per second of an fp32
+  run on an earlier day, AMX host); the fine-tune itself is fp32:
       python -m research.main --config configs/pretrain_mlm.py --config.model.init_from=minilm \
         --config.data.train_files=runs/sst2_train.txt --config.data.val_fraction=0.02 \
         --config.data.val_files= --config.optimizer.lr=1e-4 --config.num_train_steps=1200 \
