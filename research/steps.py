@@ -59,9 +59,14 @@ def _loss_extras(batch) -> dict:
 
 
 def _correct(logits_BxC, labels_B, weights_B) -> jax.Array:
+  """Weighted count of rows whose label's logit is the largest. Not `argmax == label`: XLA:CPU
+  runs argmax as a variadic (value, index) reduction, 87 ms of a 2.4 s masked-LM step over a
+  30k vocabulary, while this max is the one the cross-entropy computes anyway. The two differ
+  only on exact ties, where argmax picks the first class and this counts any tied class."""
   if logits_BxC.shape[-1] == 1:  # regression: no accuracy
     return jnp.zeros((), jnp.float32)
-  return ((logits_BxC.argmax(-1) == labels_B) * weights_B).sum()
+  label_logit_B = jnp.take_along_axis(logits_BxC, labels_B[..., None], axis=-1)[..., 0]
+  return ((label_logit_B >= logits_BxC.max(-1)) * weights_B).sum()
 
 
 def _nest(path: tuple, value) -> dict:

@@ -296,6 +296,18 @@ def test_eval_step_drops_nothing_real():
   assert float(out["count"]) == 13.0 and out["logits"].shape == (16, 2)
 
 
+def test_correct_counts_argmax_hits_by_weight():
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((6, 5, 300)).astype(np.float32)  # no ties
+  labels = np.where(rng.random((6, 5)) < 0.5, logits.argmax(-1), rng.integers(0, 300, (6, 5))).astype(np.int32)
+  weights = (rng.random((6, 5)) < 0.7).astype(np.float32)
+  expected = ((logits.argmax(-1) == labels) * weights).sum()
+  assert expected > 3 and float(steps._correct(jnp.asarray(logits), labels, weights)) == expected
+  # a padded row's label may be anything, out of range included: weight 0 counts nothing
+  labels[0, 0], weights[0, 0] = 10_000, 0.0
+  assert float(steps._correct(jnp.asarray(logits), labels, weights)) == ((logits.argmax(-1) == labels) * weights).sum()
+
+
 # --- optimizer -----------------------------------------------------------------------------
 
 
