@@ -81,6 +81,10 @@ def get_config(arg: str | None = None):
   return c
 
 
+# The `ema-llrd` recipe of configs/ablations/sst2_recipe.py with mean pooling and the weight EMA.
+EMA_LLRD = {"model.pooling": "mean", "optimizer.lr": 1e-4, "optimizer.layer_decay": 0.8, "optimizer.ema": 0.999}
+
+
 def sweep() -> list[dict]:
   return [
     {"_name": "cls"},
@@ -93,29 +97,16 @@ def sweep() -> list[dict]:
     {"_name": "mean-sam", "model.pooling": "mean", "optimizer.sam_rho": 0.05},
     {"_name": "cls-hash", "model.dropout_bits": "hash"},
     {"_name": "cls-bf16", "model.matmul_dtype": "bfloat16"},
-    {
-      "_name": "mean-ema-llrd-tapt1200bf16",
-      "model.pooling": "mean",
-      "optimizer.lr": 1e-4,
-      "optimizer.layer_decay": 0.8,
-      "optimizer.ema": 0.999,
-      "model.init_from": "runs/tapt-sst2-1200-bf16/hf",
-    },
+    {"_name": "mean-ema-llrd-tapt1200bf16", **EMA_LLRD, "model.init_from": "runs/tapt-sst2-1200-bf16/hf"},
     {
       "_name": "mean-ema-llrd-tapt1200bf16-bf16",
-      "model.pooling": "mean",
-      "optimizer.lr": 1e-4,
-      "optimizer.layer_decay": 0.8,
-      "optimizer.ema": 0.999,
+      **EMA_LLRD,
       "model.init_from": "runs/tapt-sst2-1200-bf16/hf",
       "model.matmul_dtype": "bfloat16",
     },
     {
       "_name": "mean-ema-llrd-tapt800bf16-bf16",
-      "model.pooling": "mean",
-      "optimizer.lr": 1e-4,
-      "optimizer.layer_decay": 0.8,
-      "optimizer.ema": 0.999,
+      **EMA_LLRD,
       "model.init_from": "runs/tapt-sst2-800-bf16/hf",
       "model.matmul_dtype": "bfloat16",
     },
