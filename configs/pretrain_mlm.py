@@ -73,6 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dropout_bits="jax",  # jax | hash: dropout's random draws (research/models/dropout.py)
       # float32 | bfloat16: the dense layers' matmul operands (fp32 results; configs/common.py)
       matmul_dtype="float32",
+      # the last layer only at the masked positions the head reads (exact; its dropout draws differ)
+      last_layer_masked_only=True,
     )
   )
   c.optimizer = common.optimizer(lr=1e-3 if a.model != "base" else 1e-4, b2=0.98, warmup_ratio=0.06)

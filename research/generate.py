@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from research import compile_cache
+from research import compile_cache, xla_env
 from research.models.gpt import GPT, init_cache
 
 
@@ -175,6 +175,7 @@ def main(argv):
 
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  xla_env.set_cpu_flags()  # the trainer's XLA:CPU flags (bf16 matmuls need them), before the backend starts
   f = flags.FLAGS
   compile_cache.enable(f.executable_cache)
   model, params, tok, at = load(f.workdir, f.step)

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from research import checkpoint, compile_cache, finetune, metrics, optim
+from research import checkpoint, compile_cache, finetune, metrics, optim, xla_env
 from research.data import pipeline, sources, tasks
 from research.models import convert
 from research.models.bert import BertClassifier, BertConfig
@@ -246,6 +246,7 @@ def main(argv):
   del argv
   for noisy in ("absl", "orbax", "jax._src"):  # checkpoint-restore chatter; errors still show
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  xla_env.set_cpu_flags()  # the trainer's XLA:CPU flags (bf16 matmuls need them), before the backend starts
   f = flags.FLAGS
   compile_cache.enable(f.executable_cache)
   if f.export_mlm:

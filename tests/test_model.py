@@ -398,3 +398,31 @@ def test_bf16_matmul_masked_lm_decoder_matches_fp32():
   assert abs(float(l16 - l32)) < 2e-2 * abs(float(l32)) and float(l16) != float(l32)
   for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True):
     assert float(jnp.abs(a - b).max()) <= 3e-2 * float(jnp.abs(b).max()) + 1e-6
+
+
+def test_masked_lm_last_layer_at_masked_positions_only_is_exact():
+  """last_layer_masked_only: the last layer runs for the gathered positions alone (keys and
+  values from every token). Same parameters (initialized with or without positions), and the
+  same logits and gradients as running it for every token and gathering after, padding included."""
+  from research.models.bert import BertForMaskedLM
+
+  cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+  ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 100)
+  mask = jnp.ones_like(ids).at[1, 9:].set(0)
+  types, pos = jnp.zeros_like(ids), jnp.array([[1, 5, 7, 0], [0, 2, 8, 0]])
+  fast, full = BertForMaskedLM(cfg), BertForMaskedLM(cfg, last_layer_masked_only=False)
+  params = fast.init(jax.random.key(0), ids, mask, types, pos)["params"]
+  shapes = jax.tree.map(jnp.shape, full.init(jax.random.key(0), ids, mask, types)["params"])
+  assert jax.tree.map(jnp.shape, params) == shapes
+
+  def loss(m):
+    return lambda p: (m.apply({"params": p}, ids, mask, types, pos) ** 2).mean()
+
+  a, b = fast.apply({"params": params}, ids, mask, types, pos), full.apply({"params": params}, ids, mask, types, pos)
+  assert a.shape == (2, 4, 100) and float(jnp.abs(a - b).max()) < 1e-5
+  ga, gb = jax.grad(loss(fast))(params), jax.grad(loss(full))(params)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+    assert float(jnp.abs(x - y).max()) <= 1e-5 * float(jnp.abs(y).max()) + 1e-7
+  # in training it is the same model under different dropout draws: finite, close in scale
+  t = fast.apply({"params": params}, ids, mask, types, pos, train=True, rngs={"dropout": jax.random.key(2)})
+  assert t.shape == a.shape and bool(jnp.isfinite(t).all())

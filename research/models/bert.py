@@ -291,6 +291,8 @@ class BertEncoder(nn.Module):
   from every token), for a head that reads nothing else: the other tokens' last-layer outputs
   would be computed and thrown away (~1/L of the encoder's work). The first output is then
   the last layer's [CLS] rows (Bx1xH, or BxSxH packed), not every token's hidden state.
+  `query_positions_BxP` does the same for the P positions per row a masked-LM head reads: the
+  first output is then BxPxH, the last layer at those positions, and the pooled output None.
   """
 
   cfg: BertConfig
@@ -307,6 +309,7 @@ class BertEncoder(nn.Module):
     *,
     train: bool,
     cls_only: bool = False,
+    query_positions_BxP=None,
   ):
     cfg = self.cfg
     init = nn.initializers.normal(cfg.initializer_range)
@@ -338,8 +341,16 @@ class BertEncoder(nn.Module):
     bias = jnp.where(keep_Bx1xLxL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
     layer = nn.remat(Layer, static_argnums=(3,)) if cfg.remat else Layer  # train is static
     last = cfg.num_hidden_layers - 1
-    for i in range(last if cls_only else cfg.num_hidden_layers):
+    for i in range(last if cls_only or query_positions_BxP is not None else cfg.num_hidden_layers):
       x_BxLxH = layer(cfg, self.dtype, name=f"layer_{i}")(x_BxLxH, bias, train)
+    if query_positions_BxP is not None:  # the last layer at those positions alone, attending over every token
+      if packed:
+        raise ValueError("query_positions_BxP is for unpacked rows (masked-LM batches)")
+      queries_BxPxH = jnp.take_along_axis(x_BxLxH, query_positions_BxP[..., None], axis=1)
+      out_BxPxH = layer(cfg, self.dtype, name=f"layer_{last}")(x_BxLxH, bias, train, queries_BxPxH)
+      if self.is_initializing():  # the same parameters as the full path
+        _dense(cfg.hidden_size, cfg, self.dtype, "pooler")(out_BxPxH[:, 0])
+      return out_BxPxH, None
 
     # Each example's [CLS] (its first token): BxH, or packed BxSxH.
     if packed:
@@ -415,10 +426,16 @@ def mean_pool(hidden_BxLxH: jax.Array, attention_mask_BxL: jax.Array) -> jax.Arr
 
 class BertForMaskedLM(nn.Module):
   """Masked-LM pretraining: encoder -> dense + act + LayerNorm -> logits over the vocabulary,
-  with the decoder tied to the word embeddings (plus a bias), as HF `BertForMaskedLM`."""
+  with the decoder tied to the word embeddings (plus a bias), as HF `BertForMaskedLM`.
+
+  Given `masked_positions`, `last_layer_masked_only` (the default) runs the last layer for
+  those positions alone (BertEncoder's `query_positions_BxP`): the same logits for ~(1 - P/L)
+  of one layer's work less. In training only the last layer's dropout draws differ, as their
+  shape is BxPxH instead of BxLxH."""
 
   cfg: BertConfig
   dtype: Any = jnp.float32
+  last_layer_masked_only: bool = True
 
   @nn.compact
   def __call__(
@@ -426,10 +443,11 @@ class BertForMaskedLM(nn.Module):
   ):
     """Logits BxPxV at `masked_positions` (BxLxV at every position when None)."""
     cfg = self.cfg
+    queries = masked_positions_BxP if self.last_layer_masked_only else None
     hidden_BxLxH, _ = BertEncoder(cfg, self.dtype, name="bert")(
-      input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, train=train
+      input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, train=train, query_positions_BxP=queries
     )
-    if masked_positions_BxP is not None:
+    if masked_positions_BxP is not None and queries is None:
       hidden_BxLxH = jnp.take_along_axis(hidden_BxLxH, masked_positions_BxP[..., None], axis=1)
     h = _dense(cfg.hidden_size, cfg, self.dtype, "mlm_dense")(hidden_BxLxH)
     h = _layer_norm(cfg, "mlm_norm")(_ACTIVATIONS[cfg.hidden_act](h))

@@ -104,7 +104,9 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
   if mc.arch == "bert_mlm":  # masked-LM pretraining: from scratch, or continued from `init_from`
     loaded = convert.load_hf_for_mlm(mc.init_from) if mc.get("init_from") else None
     cfg = _bert_config(mc, vocab_size, loaded[0] if loaded else None)
-    model = BertForMaskedLM(cfg, dtype=jnp.dtype(mc.dtype))
+    model = BertForMaskedLM(
+      cfg, dtype=jnp.dtype(mc.dtype), last_layer_masked_only=mc.get("last_layer_masked_only", True)
+    )
     params = init(lambda r: model.init(r, ids, ids, ids, train=False))
     if loaded:
       params = convert.merge_loaded(params, loaded[1], mc.init_from)
