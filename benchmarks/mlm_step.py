@@ -61,17 +61,9 @@ def worker_jax(path: str, warmup: int, steps: int, matmul_dtype: str, every_toke
   from configs import pretrain_mlm
   from research import losses, optim, parallel
   from research import steps as steps_lib
-  from research.models.bert import BertConfig, BertForMaskedLM
+  from research.models.bert import BertForMaskedLM
 
-  L, h, heads, inter = ts.SHAPES["minilm"]
-  cfg = BertConfig(
-    num_hidden_layers=L,
-    hidden_size=h,
-    num_attention_heads=heads,
-    intermediate_size=inter,
-    dropout_bits=dropout_bits,
-    matmul_dtype=matmul_dtype,
-  )
+  cfg = ts.bert_config("minilm", dropout_bits=dropout_bits, matmul_dtype=matmul_dtype)
   model = BertForMaskedLM(cfg, last_layer_masked_only=not every_token)
   data = dict(np.load(path))
   first = {k: data[k][:1] for k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -131,15 +123,10 @@ def worker_torch(path: str, warmup: int, steps: int, dtype: str) -> dict:
   mask = torch.ones_like(ids)
   autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
   holder = {}
+  torch_step = ts.torch_train_step(model, opt, autocast, input_ids=ids, attention_mask=mask, labels=labels)
 
   def step():
-    with autocast:
-      loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    holder["loss"] = float(loss)
+    holder["loss"] = float(torch_step())
 
   times = ts._time(step, warmup, steps)
   return {

@@ -80,6 +80,14 @@ def flops_per_step(shape: str, batch: int, seq: int) -> float:
   return 6 * n * batch * seq + 12 * L * seq * seq * h * batch
 
 
+def bert_config(shape: str, **overrides):
+  """Our BertConfig of a SHAPES entry (call after REPO is on sys.path)."""
+  from research.models.bert import BertConfig
+
+  L, h, heads, inter = SHAPES[shape]
+  return BertConfig(num_hidden_layers=L, hidden_size=h, num_attention_heads=heads, intermediate_size=inter, **overrides)
+
+
 def _peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
 
@@ -165,18 +173,9 @@ def worker_jax(
   from configs import glue
   from research import losses, optim, parallel
   from research import steps as steps_lib
-  from research.models.bert import BertClassifier, BertConfig
+  from research.models.bert import BertClassifier
 
-  L, h, heads, inter = SHAPES[shape]
-  cfg = BertConfig(
-    num_hidden_layers=L,
-    hidden_size=h,
-    num_attention_heads=heads,
-    intermediate_size=inter,
-    remat=remat,
-    dropout_bits=dropout_bits,
-    matmul_dtype=matmul_dtype,
-  )
+  cfg = bert_config(shape, remat=remat, dropout_bits=dropout_bits, matmul_dtype=matmul_dtype)
   if attention:
     cfg = dataclasses.replace(cfg, attention=attention, attention_probs_dropout_prob=0.0)
   model = BertClassifier(cfg, num_labels=2, dtype=jnp.dtype(dtype), last_layer_cls_only=not every_token)
@@ -260,6 +259,25 @@ def _torch_profile(step, steps: int = 2, top: int = 12) -> list[list]:
   )
 
 
+def torch_train_step(model, opt, autocast, sync=None, **inputs):
+  """The PyTorch reference's step as a closure: forward under `autocast`, backward, clip the
+  gradient norm to 1, AdamW; `sync` after it (the GPU). The step returns the loss."""
+  import torch
+
+  def step():
+    with autocast:
+      loss = model(**inputs).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if sync:
+      sync()
+    return loss
+
+  return step
+
+
 def worker_torch(
   shape: str,
   batch: int,
@@ -291,15 +309,9 @@ def worker_torch(
   mask = torch.ones(batch, seq, dtype=torch.long, device=device)
   labels = torch.randint(0, 2, (batch,), device=device)
 
-  def step():
-    with autocast:
-      loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if cuda:
-      torch.cuda.synchronize()
+  step = torch_train_step(
+    model, opt, autocast, torch.cuda.synchronize if cuda else None, input_ids=ids, attention_mask=mask, labels=labels
+  )
 
   times = _time(step, warmup, steps)
   where = (f", {torch.cuda.get_device_name()}" if cuda else "") + (f", {dtype} autocast" if dtype != "float32" else "")
