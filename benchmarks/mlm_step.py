@@ -46,7 +46,7 @@ def make_batch(batch: int, seq: int, path: str) -> dict:
 
   tok = transformers.AutoTokenizer.from_pretrained(str(resolve_pretrained("minilm")))
   ids = np.random.default_rng(0).integers(1000, 30000, size=(batch, seq)).astype(np.int32)
-  b = MaskedLM(tok).__call__(ids, np.ones_like(ids, bool), (0,))
+  b = MaskedLM(tok)(ids, np.ones_like(ids, bool), (0,))
   np.savez(path, **b)
   return {"P": b["masked_positions"].shape[1], "masked": float(b["weights"].sum()), "vocab": len(tok)}
 

@@ -292,7 +292,7 @@ def test_erf_gelu_is_the_exact_gelu():
 
 @pytest.mark.parametrize("i,o", [(48, 32), (32, 48)])  # dw through g^T (I > O) / through x^T
 def test_bf16_matmul_multiplies_bf16_operands_into_fp32_forward_and_backward(i, o):
-  from research.models.bert import bf16_matmul
+  from research.models.bf16 import bf16_matmul
 
   kx, kk, kg = jax.random.split(jax.random.key(0), 3)
   x, k, g = jax.random.normal(kx, (64, i)), jax.random.normal(kk, (i, o)), jax.random.normal(kg, (64, o))
@@ -321,7 +321,7 @@ def test_bf16_matmul_gradients_run_under_the_trainers_xla_flags(tmp_path):
     "import sys; sys.path.insert(0, sys.argv[1])\n"
     "from research import xla_env; xla_env.set_cpu_flags()\n"
     "import jax, jax.numpy as jnp\n"
-    "from research.models.bert import bf16_matmul, bf16_matmul_nt\n"
+    "from research.models.bf16 import bf16_matmul, bf16_matmul_nt\n"
     "r = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)\n"
     "for i, o in ((96, 32), (32, 96), (32, 32)):\n"
     "  x, k, g = (jax.random.normal(jax.random.key(n), s) for n, s in enumerate(((64, i), (i, o), (64, o))))\n"
