@@ -13,7 +13,9 @@ step (`configs/pretrain_mlm.py`'s optimizer, the step between logging steps): th
 on the P gathered positions a row only, and the last layer too
 (`model.last_layer_masked_only`, the default); `--every-token` adds a row with the last layer
 over every token, `--bf16-matmul` one with bf16 matmul operands (`model.matmul_dtype`),
-`--torch-bf16` PyTorch under CPU autocast in bf16. `--rounds N` repeats our rows interleaved,
+`--exact-count` one like the last of ours on a batch masked with exactly 15% of each row's
+tokens (`data.mask_count=exact`, BERT's own data generator: P = 20 slots a row at L = 128
+instead of 33), `--torch-bf16` PyTorch under CPU autocast in bf16. `--rounds N` repeats our rows interleaved,
 so that a drift in the host's speed hits them alike. Each side runs in a process of its own
 (peak RSS is its own); PyTorch from the side venv of `benchmarks/train_step.py`.
 """
@@ -35,7 +37,7 @@ import train_step as ts  # noqa: E402  (the timing, RSS and side-venv helpers)
 REPO = ts.REPO
 
 
-def make_batch(batch: int, seq: int, path: str) -> dict:
+def make_batch(batch: int, seq: int, path: str, count: str = "bernoulli") -> dict:
   """One masked batch (numpy arrays), saved to `path` for the workers; what it holds."""
   sys.path.insert(0, str(REPO))
   import numpy as np
@@ -46,12 +48,13 @@ def make_batch(batch: int, seq: int, path: str) -> dict:
 
   tok = transformers.AutoTokenizer.from_pretrained(str(resolve_pretrained("minilm")))
   ids = np.random.default_rng(0).integers(1000, 30000, size=(batch, seq)).astype(np.int32)
-  b = MaskedLM(tok)(ids, np.ones_like(ids, bool), (0,))
+  b = MaskedLM(tok, count=count)(ids, np.ones_like(ids, bool), (0,))
   np.savez(path, **b)
   return {"P": b["masked_positions"].shape[1], "masked": float(b["weights"].sum()), "vocab": len(tok)}
 
 
 def worker_jax(path: str, warmup: int, steps: int, matmul_dtype: str, every_token: bool, dropout_bits: str) -> dict:
+  """Our trainer's step on the batch at `path`."""
   sys.path.insert(0, str(REPO))
   import functools
 
@@ -95,6 +98,7 @@ def worker_jax(path: str, warmup: int, steps: int, matmul_dtype: str, every_toke
     "framework": f"ours (jax {jax.__version__}, rbg dropout"
     + (f", {dropout_bits} draws" if dropout_bits != "jax" else "")
     + (", last layer over every token" if every_token else ", last layer at the masked positions")
+    + (f", {data['masked_positions'].shape[1]} slots a row")
     + (f", {matmul_dtype} matmuls)" if matmul_dtype != "float32" else ")"),
     "times": times,
     "loss": holder["loss"],
@@ -139,6 +143,7 @@ def worker_torch(path: str, warmup: int, steps: int, dtype: str) -> dict:
 
 
 def run(python: str, args, path: str, *extra: str) -> dict:
+  """One worker process on the batch file `path`; its result."""
   cmd = [python, __file__, "--worker", path, "--warmup", str(args.warmup), "--steps", str(args.steps), *extra]
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if out.returncode:
@@ -156,6 +161,7 @@ def main() -> None:
   p.add_argument("--every-token", action="store_true", help="+ our last layer over every token")
   p.add_argument("--bf16-matmul", action="store_true", help="+ ours with bf16 matmul operands")
   p.add_argument("--hash-dropout", action="store_true", help="our rows with index-hash dropout draws")
+  p.add_argument("--exact-count", action="store_true", help="+ the last of ours on an exact-count masked batch")
   p.add_argument("--torch-bf16", action="store_true", help="+ PyTorch under CPU autocast (bf16)")
   p.add_argument("--torch-python", default=None, help="python with torch + transformers (else a venv is made)")
   p.add_argument("--skip-torch", action="store_true")
@@ -182,13 +188,16 @@ def main() -> None:
     path = f"{tmp}/batch.npz"
     info = make_batch(args.batch, args.seq, path)
     bits = "hash" if args.hash_dropout else "jax"
-    ours = [("--dropout-bits", bits)]
-    ours += [("--dropout-bits", bits, "--every-token")] if args.every_token else []
-    ours += [("--dropout-bits", bits, "--matmul-dtype", "bfloat16")] if args.bf16_matmul else []
+    ours = [(path, "--dropout-bits", bits)]
+    ours += [(path, "--dropout-bits", bits, "--every-token")] if args.every_token else []
+    ours += [(path, "--dropout-bits", bits, "--matmul-dtype", "bfloat16")] if args.bf16_matmul else []
+    if args.exact_count:
+      exact = make_batch(args.batch, args.seq, f"{tmp}/exact.npz", "exact")
+      ours.append((f"{tmp}/exact.npz", *ours[-1][1:]))
     results = []
     for round_ in range(args.rounds):
-      for i, extra in enumerate(ours):
-        r = run(sys.executable, args, path, *extra)
+      for i, (batch_file, *extra) in enumerate(ours):
+        r = run(sys.executable, args, batch_file, *extra)
         if round_:
           results[i]["times"] += r["times"]
         else:
@@ -200,6 +209,7 @@ def main() -> None:
   print(
     f"MiniLM masked LM, batch {args.batch} x {args.seq}, {info['masked']:.0f} masked tokens in {args.batch} x "
     f"{info['P']} prediction slots, vocabulary {info['vocab']}; median of {args.steps * args.rounds} steps"
+    + (f"; exact-count batch: {exact['masked']:.0f} masked in {exact['P']} slots a row" if args.exact_count else "")
   )
   ref = statistics.median(results[len(ours)]["times"]) if torch_py else statistics.median(results[0]["times"])
   print(

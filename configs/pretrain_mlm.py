@@ -9,7 +9,8 @@
         --config.model.init_from=runs/mlm-small/hf --workdir runs/rte-from-mlm
 
 Masking: 15% of tokens, 80% [MASK] / 10% random / 10% kept (`data.whole_word` for whole-word
-masking); the loss and MLM accuracy count masked positions only; perplexity = exp(loss).
+masking; `data.mask_count=exact` for exactly round(15%) per row, as BERT's own data generator,
+which needs 20 prediction slots a row at 128 tokens instead of 33); the loss and MLM accuracy count masked positions only; perplexity = exp(loss).
 Sequences are packed from the token stream with [SEP] between documents (no padding).
 The default corpus is WikiText-2 raw: `valid` to train and `test` to evaluate (its train split
 is not in the offline data). Sizes: tiny (2x64), small (4x256), base (12x768).
@@ -52,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     seq_len=128,
     mask_prob=0.15,
     whole_word=False,
+    mask_count="bernoulli",  # bernoulli | exact: masked tokens per row (research/data/lm.py MaskedLM)
     prefetch=2,
   )
   c.model = ml_collections.ConfigDict(

@@ -211,6 +211,41 @@ def test_masking_rule_and_masked_lm_pretraining(tmp_path, tokenizer):
   assert full.any() and (full[cont] == prev_chosen[cont]).all()
 
 
+def test_exact_count_masking(tokenizer):
+  """data.mask_count=exact: round(15%) of each row's candidates, whole words kept whole."""
+  ids = np.asarray(tokenizer(["unbelievably the tokenization of embeddings went fine " * 20] * 16)["input_ids"])[
+    :, :128
+  ]
+  valid = np.ones(ids.shape, bool)
+  valid[3, 100:] = False  # a padded row: fewer candidates, fewer predictions
+  candidates = (valid & ~np.isin(ids, tokenizer.all_special_ids)).sum(1)
+  for whole_word in (False, True):
+    masker = lm.MaskedLM(tokenizer, prob=0.15, whole_word=whole_word, count="exact")
+    assert masker.max_predictions(128) == 20
+    batch = masker(ids, valid, (2,))
+    jax.tree.map(np.testing.assert_array_equal, batch, masker(ids, valid, (2,)))
+    assert batch["masked_positions"].shape == (16, 20)
+    n = batch["weights"].sum(1)
+    k = np.rint(candidates * 0.15)
+    if whole_word:  # the first word that would overflow k ends the row's choice
+      longest = len(tokenizer.tokenize("unbelievably"))
+      assert ((n <= k) & (n > k - longest)).all()
+      full = np.zeros(ids.shape, bool)
+      np.put_along_axis(full, batch["masked_positions"], batch["weights"] > 0, axis=1)
+      cont = np.vectorize(lambda i: tokenizer.convert_ids_to_tokens(int(i)).startswith("##"))(ids)
+      prev = np.concatenate([np.zeros((16, 1), bool), full[:, :-1]], axis=1)
+      assert (full[cont] == prev[cont]).all()
+    else:
+      np.testing.assert_array_equal(n, k)
+    chosen = batch["weights"] > 0
+    assert valid[np.arange(16)[:, None].repeat(20, 1)[chosen], batch["masked_positions"][chosen]].all()
+    np.testing.assert_array_equal(
+      np.take_along_axis(ids, batch["masked_positions"], axis=1)[chosen], batch["labels"][chosen]
+    )
+  with pytest.raises(ValueError, match="mask_count='uniform'"):
+    lm.MaskedLM(tokenizer, count="uniform")
+
+
 def test_mlm_run_exports_and_fine_tunes(tmp_path, small_glue, caplog):
   from conftest import tiny_config
 

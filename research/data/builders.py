@@ -145,7 +145,11 @@ def lm_data(config, workdir: Path) -> Data:
       tokenizer.save_pretrained(str(tok_dir))
   train_tokens = lm.tokenize_stream(train_text, tokenizer, d.document)
   val_tokens = lm.tokenize_stream(val_text, tokenizer, d.document)
-  masker = lm.MaskedLM(tokenizer, d.mask_prob, d.whole_word) if config.task == "mlm" else None
+  masker = (
+    lm.MaskedLM(tokenizer, d.mask_prob, d.whole_word, d.get("mask_count", "bernoulli"))
+    if config.task == "mlm"
+    else None
+  )
   train_iter = lm.PackedIterator(
     train_tokens,
     seq_len=d.seq_len,

@@ -109,12 +109,20 @@ class MaskedLM:
   """BERT's masking: choose `prob` of the (non-special) tokens; of those, 80% become [MASK],
   10% a random token, 10% stay. Labels are the original ids and the loss weight is 1 only at
   chosen positions. `whole_word`: a word's "##" pieces are chosen with its first piece.
+  `count`: "bernoulli" chooses each token (word) independently with probability `prob`, as
+  Hugging Face's DataCollatorForLanguageModeling; "exact" chooses round(prob x candidates)
+  per row, as Google's create_pretraining_data.py, so that the head's prediction slots per row
+  drop from ~1.5 x prob x L (room for the spread) to prob x L (20 instead of 33 at L = 128).
   The randomness is a pure function of `key`, so a resumed run masks the same way."""
 
-  def __init__(self, tokenizer, prob: float = 0.15, whole_word: bool = False):
+  COUNTS = ("bernoulli", "exact")
+
+  def __init__(self, tokenizer, prob: float = 0.15, whole_word: bool = False, count: str = "bernoulli"):
     if tokenizer.mask_token_id is None:
       raise ValueError("masked LM needs a tokenizer with a [MASK] token (a WordPiece tokenizer)")
-    self.prob, self.whole_word = prob, whole_word
+    if count not in self.COUNTS:
+      raise ValueError(f"config.data.mask_count={count!r}: expected one of {', '.join(self.COUNTS)}")
+    self.prob, self.whole_word, self.count = prob, whole_word, count
     self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
     self.special = np.zeros(self.vocab_size, bool)
     self.special[[i for i in tokenizer.all_special_ids if i is not None and i < self.vocab_size]] = True
@@ -125,19 +133,22 @@ class MaskedLM:
 
   def __call__(self, ids_BxL: np.ndarray, valid_BxL: np.ndarray, key: tuple[int, ...]) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(key)
+    b, seq = ids_BxL.shape
     candidate = valid_BxL & ~self.special[ids_BxL]
-    if self.whole_word:  # one draw per word, read by its "##" pieces from the word's first piece
+    draw = rng.random(ids_BxL.shape)
+    word_BxL = np.broadcast_to(np.arange(seq), (b, seq))  # each token its own word ...
+    if self.whole_word:  # ... or one draw per word, read by its "##" pieces from the word's first piece
       starts = ~self.continuation[ids_BxL]
-      first_BxL = np.maximum.accumulate(np.where(starts, np.arange(ids_BxL.shape[1])[None, :], 0), axis=1)
-      draw = np.take_along_axis(rng.random(ids_BxL.shape), first_BxL, axis=1)
-      chosen = candidate & (draw < self.prob)
-    else:
-      chosen = candidate & (rng.random(ids_BxL.shape) < self.prob)
+      word_BxL = np.maximum.accumulate(np.where(starts, word_BxL, 0), axis=1)
+      draw = np.take_along_axis(draw, word_BxL, axis=1)
     # At most P predictions per row (as BERT's max_predictions_per_seq): the head runs on
     # BxP gathered positions instead of BxL, which matters with a 30k vocabulary.
-    b, seq = ids_BxL.shape
     p = self.max_predictions(seq)
-    chosen &= np.cumsum(chosen, axis=1) <= p
+    if self.count == "exact":
+      chosen = self._choose_exact(candidate, draw, word_BxL, p)
+    else:
+      chosen = candidate & (draw < self.prob)
+      chosen &= np.cumsum(chosen, axis=1) <= p
     action = rng.random(ids_BxL.shape)
     inputs = ids_BxL.copy()
     inputs[chosen & (action < 0.8)] = self.mask_id
@@ -157,7 +168,27 @@ class MaskedLM:
       "weights": weights,
     }
 
+  def _choose_exact(self, candidate_BxL, draw_BxL, word_BxL, p: int) -> np.ndarray:
+    """The k = round(prob x candidates) tokens (at least 1, at most p) of each row with the
+    smallest draws. With whole words, the words in draw order while all their pieces fit in k
+    (a word's pieces share its draw, so they sit together in that order)."""
+    k_B = np.clip(np.rint(candidate_BxL.sum(1) * self.prob), 1, p)
+    order = np.argsort(np.where(candidate_BxL, draw_BxL, np.inf), axis=1, kind="stable")
+    cand = np.take_along_axis(candidate_BxL, order, axis=1)
+    word = np.take_along_axis(word_BxL, order, axis=1)
+    taken = np.cumsum(cand, axis=1)
+    # The count at each word's last piece in that order (its own index for single tokens).
+    seq = word.shape[1]
+    last = np.concatenate([word[:, 1:] != word[:, :-1], np.ones((len(word), 1), bool)], axis=1)
+    end = np.minimum.accumulate(np.where(last, np.arange(seq), seq)[:, ::-1], axis=1)[:, ::-1]
+    fits = np.take_along_axis(taken, end, axis=1) <= k_B[:, None]
+    chosen = np.zeros_like(candidate_BxL)
+    np.put_along_axis(chosen, order, cand & fits, axis=1)
+    return chosen
+
   def max_predictions(self, seq_len: int) -> int:
+    if self.count == "exact":
+      return max(1, int(np.ceil(seq_len * self.prob)))
     return int(np.ceil(seq_len * self.prob * 1.5)) + 4
 
 
