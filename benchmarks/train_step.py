@@ -541,7 +541,8 @@ def main() -> None:
   p.add_argument(
     "--hash-dropout",
     action="store_true",
-    help="also time our step with dropout draws from a keyed index hash (config.model.dropout_bits=hash)",
+    help="also time our step with dropout draws from a keyed index hash (config.model.dropout_bits=hash);"
+    " with --bf16-matmul, a row with both",
   )
   p.add_argument(
     "--rounds",
@@ -648,6 +649,7 @@ def main() -> None:
     ours += [{"sparse_embed": False}] if args.dense_embed_grad else []
     ours += [{"dropout_bits": "hash"}] if args.hash_dropout else []
     ours += [{"matmul_dtype": "bfloat16"}] if args.bf16_matmul else []
+    ours += [{"matmul_dtype": "bfloat16", "dropout_bits": "hash"}] if args.bf16_matmul and args.hash_dropout else []
     ours += [{"attention": a} for a in ("einsum", args.fused)] if args.fused else []
     results = []
     for round_ in range(args.rounds):  # interleaved: a drift in the host's speed hits every row alike
