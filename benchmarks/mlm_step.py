@@ -172,9 +172,13 @@ def main() -> None:
   args = p.parse_args()
 
   if args.worker:
-    if args.side == "torch":
+    if args.side == "torch":  # glibc's malloc as PyTorch users run it
       r = worker_torch(args.worker, args.warmup, args.steps, args.matmul_dtype)
     else:
+      sys.path.insert(0, str(REPO))
+      from research import xla_env
+
+      xla_env.keep_host_memory()  # the trainer's heap setting, before JAX starts
       r = worker_jax(args.worker, args.warmup, args.steps, args.matmul_dtype, args.every_token, args.dropout_bits)
     print(json.dumps(r))
     return

@@ -453,7 +453,10 @@ def run_worker(
   dropout_bits: str = "jax",
   sparse_embed: bool = True,
   matmul_dtype: str = "float32",
+  malloc: str = "keep",
 ) -> dict:
+  """One row in a process of its own. `malloc`: "keep" for the trainer's heap setting
+  (research.xla_env.keep_host_memory), "default" for glibc's malloc as it comes."""
   cmd = (
     [
       python,
@@ -486,7 +489,8 @@ def run_worker(
     + (["--profile"] if args.profile else [])
     + ["--torch-device", args.torch_device]
   )
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  env = dict(os.environ, RESEARCH_HOST_MALLOC=malloc)
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
   if out.returncode:
     raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-4000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -571,6 +575,17 @@ def main() -> None:
     action="store_true",
     help="after timing, profile 2 steps of each row (ours: jax.profiler; PyTorch: torch.profiler)",
   )
+  p.add_argument(
+    "--default-malloc",
+    action="store_true",
+    help="also time each of our rows with glibc's malloc as it comes, without the trainer's heap setting "
+    "(research.xla_env.keep_host_memory: one arena, no mmap, no trimming)",
+  )
+  p.add_argument(
+    "--torch-keep-malloc",
+    action="store_true",
+    help="also time each PyTorch row with that heap setting (the reference rows run with glibc's default)",
+  )
   p.add_argument("--dropout-bits", default="jax", help=argparse.SUPPRESS)
   p.add_argument("--optax-chain", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--norms", action="store_true", help=argparse.SUPPRESS)
@@ -582,6 +597,10 @@ def main() -> None:
 
   if args.worker:
     shape = args.shapes[0]
+    sys.path.insert(0, str(REPO))
+    from research import xla_env
+
+    kept = args.worker != "peak" and args.torch_device == "cpu" and xla_env.keep_host_memory()
     if args.worker == "jax":
       r = worker_jax(
         shape,
@@ -609,6 +628,8 @@ def main() -> None:
       r = worker_torch(
         shape, args.batch, args.seq, args.warmup, args.steps, args.profile, args.torch_device, args.dtype
       )
+    if args.worker != "peak" and kept != (args.worker in ("jax", "hf_flax")):
+      r["framework"] = r["framework"][:-1] + (", malloc heap kept)" if kept else ", glibc default malloc)")
     print(json.dumps(r))
     return
 
@@ -651,6 +672,7 @@ def main() -> None:
     ours += [{"matmul_dtype": "bfloat16"}] if args.bf16_matmul else []
     ours += [{"matmul_dtype": "bfloat16", "dropout_bits": "hash"}] if args.bf16_matmul and args.hash_dropout else []
     ours += [{"attention": a} for a in ("einsum", args.fused)] if args.fused else []
+    ours += [dict(kw, malloc="default") for kw in ours] if args.default_malloc else []
     results = []
     for round_ in range(args.rounds):  # interleaved: a drift in the host's speed hits every row alike
       for i, kw in enumerate(ours):
@@ -662,15 +684,18 @@ def main() -> None:
     flax_row = run_worker(flax_py, "hf_flax", args, shape) if flax_py else None
     # with --bf16-matmul, HF Flax's own mixed precision too (a row after the fp32 reference)
     flax_bf16 = run_worker(flax_py, "hf_flax", args, shape, "bfloat16") if flax_py and args.bf16_matmul else None
-    if torch_py:
-      results.append(run_worker(torch_py, "torch", args, shape, args.dtype))  # autocast unless float32
+    if torch_py:  # autocast unless float32; glibc's malloc as PyTorch users run it
+      results.append(run_worker(torch_py, "torch", args, shape, args.dtype, malloc="default"))
     if torch_py or reference == "einsum":
       ref_row = results[-1] if torch_py else results[-2]
     else:
       ref_row = results[1] if reference == "every token" else results[0]
     ref = statistics.median(ref_row["times"]) if reference else None
     if torch_py and args.torch_bf16:  # PyTorch's mixed precision, after the reference row
-      results.append(run_worker(torch_py, "torch", args, shape, "bfloat16"))
+      results.append(run_worker(torch_py, "torch", args, shape, "bfloat16", malloc="default"))
+    if torch_py and args.torch_keep_malloc:
+      for dtype in [args.dtype] + (["bfloat16"] if args.torch_bf16 else []):
+        results.append(run_worker(torch_py, "torch", args, shape, dtype, malloc="keep"))
     flax_ref = statistics.median(flax_row["times"]) if flax_row else None
     for r in results + [row for row in (flax_row, flax_bf16) if row]:
       med = statistics.median(r["times"])
