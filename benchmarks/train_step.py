@@ -12,6 +12,8 @@
                         # the A/B four times interleaved, and where each step's op time goes
     .venv/bin/python benchmarks/train_step.py --bf16-matmul --torch-bf16
                         # + bf16 matmul operands (ours) beside PyTorch under CPU autocast (bf16)
+    .venv/bin/python benchmarks/train_step.py --default-malloc --torch-keep-malloc
+                        # + ours with glibc's default malloc, + PyTorch with the trainer's heap setting
 
 Both sides train BertForSequenceClassification-shaped models (2 labels) with AdamW, fp32,
 dropout on, on the same batch/sequence shape; each runs in its own subprocess so peak RSS
@@ -44,7 +46,10 @@ bf16 operands into fp32, forward and backward; all else fp32), and `--torch-bf16
 `torch.autocast("cpu", torch.bfloat16)` (oneDNN's bf16 kernels; its matmul outputs are bf16):
 the two mixed-precision modes, compared with each other and with the fp32 PyTorch row. The
 "% of peak" column stays against the fp32 peak. Every JAX worker runs with the trainer's XLA:CPU
-flags (`research/xla_env.py`).
+flags and heap setting (`research/xla_env.py`: malloc keeps freed memory, so XLA's per-step
+scratch buffer is not page-faulted in afresh each step); the PyTorch rows run with glibc's malloc
+as it comes. `--default-malloc` adds each of our rows without the heap setting, and
+`--torch-keep-malloc` the PyTorch rows with it.
 
 On a GPU (JAX's default backend not the CPU) the same script measures the accelerator: the peak
 is a jitted n=8192 matmul in the run's `--dtype` on the device (or `--peak-tflops`, a datasheet

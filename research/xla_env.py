@@ -35,10 +35,11 @@ def keep_host_memory() -> bool:
   serves it from a fresh mmap each time (above 32 MB, or from a thread's own arena, malloc always
   maps), so the kernel zero-fills every page again at first touch: ~280k page faults a MiniLM
   step, ~1.1M a BERT-base step. One arena, no mmap and no trimming keep the buffer in the heap,
-  where the next step reuses it: 0 faults, and the bf16 MiniLM / BERT-base steps 1.25-1.30x faster
-  on the Intel AMX host (benchmarks/train_step.py --default-malloc). The price: the process holds
-  its peak heap until it exits, and all threads share one malloc arena. Call it before JAX starts
-  its threads (a thread that already has an arena keeps it). RESEARCH_HOST_MALLOC=default skips it.
+  where the next step reuses it: 0 faults, and the 32 x 128 train steps 1.13-1.37x faster on the
+  Intel AMX host (benchmarks/train_step.py --default-malloc). The price: the heap fragments and is
+  never given back (peak RSS 1.5-2.6x at those shapes, ~1.07x for SST-2's length buckets), and all
+  threads share one malloc arena. Call it before JAX starts its threads (a thread that already has
+  an arena keeps it). RESEARCH_HOST_MALLOC=default skips it.
   """
   if os.environ.get(MALLOC_ENV, "") == "default" or platform.system() != "Linux":
     return False
