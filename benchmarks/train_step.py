@@ -501,6 +501,20 @@ def run_worker(
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _our_rows(args) -> list[dict]:
+  """Our rows, as run_worker's keyword arguments: the default step, then one per lever asked for."""
+  ours = [{}]
+  ours += [{"remat": True}] if args.remat else []
+  ours += [{"every_token": True}] if args.every_token else []
+  ours += [{"optax_chain": True}, {"norms": True}] if args.optimizer_levers else []
+  ours += [{"sparse_embed": False}] if args.dense_embed_grad else []
+  ours += [{"dropout_bits": "hash"}] if args.hash_dropout else []
+  ours += [{"matmul_dtype": "bfloat16"}] if args.bf16_matmul else []
+  ours += [{"matmul_dtype": "bfloat16", "dropout_bits": "hash"}] if args.bf16_matmul and args.hash_dropout else []
+  ours += [{"attention": a} for a in ("einsum", args.fused)] if args.fused else []
+  return ours + ([dict(kw, malloc="default") for kw in ours] if args.default_malloc else [])
+
+
 def _print_bf16_pair(results: list[dict]) -> None:
   """Ours with bf16 matmul operands against PyTorch under bf16 autocast and HF Flax in bf16, when they ran."""
   mine = [r for r in results if "bfloat16 matmuls" in r["framework"]]
@@ -509,6 +523,44 @@ def _print_bf16_pair(results: list[dict]) -> None:
     if mine and theirs:
       ratio = statistics.median(theirs[0]["times"]) / statistics.median(mine[0]["times"])
       print(f"  (bf16 against bf16: ours / {name} = {ratio:.2f}x)")
+
+
+def _run_as_worker(args) -> dict:
+  """This process is one row's worker: the heap setting first (before any JAX or PyTorch thread
+  exists), then the measurement; a row whose heap differs from its side's default says so."""
+  shape = args.shapes[0]
+  sys.path.insert(0, str(REPO))
+  from research import xla_env
+
+  kept = args.worker != "peak" and args.torch_device == "cpu" and xla_env.keep_host_memory()
+  if args.worker == "peak":
+    return worker_peak(args.dtype)
+  if args.worker == "hf_flax":
+    r = worker_hf_flax(shape, args.batch, args.seq, args.warmup, args.steps, args.dtype)
+  elif args.worker == "torch":
+    r = worker_torch(shape, args.batch, args.seq, args.warmup, args.steps, args.profile, args.torch_device, args.dtype)
+  else:
+    r = worker_jax(
+      shape,
+      args.batch,
+      args.seq,
+      args.warmup,
+      args.steps,
+      args.dtype,
+      args.rng_impl,
+      args.remat,
+      args.attention,
+      args.every_token,
+      args.optax_chain,
+      args.norms,
+      args.dropout_bits,
+      args.profile,
+      not args.dense_embed,
+      args.matmul_dtype,
+    )
+  if kept != (args.worker in ("jax", "hf_flax")):
+    r["framework"] = r["framework"][:-1] + (", malloc heap kept)" if kept else ", glibc default malloc)")
+  return r
 
 
 def main() -> None:
@@ -601,41 +653,7 @@ def main() -> None:
   args = p.parse_args()
 
   if args.worker:
-    shape = args.shapes[0]
-    sys.path.insert(0, str(REPO))
-    from research import xla_env
-
-    kept = args.worker != "peak" and args.torch_device == "cpu" and xla_env.keep_host_memory()
-    if args.worker == "jax":
-      r = worker_jax(
-        shape,
-        args.batch,
-        args.seq,
-        args.warmup,
-        args.steps,
-        args.dtype,
-        args.rng_impl,
-        args.remat,
-        args.attention,
-        args.every_token,
-        args.optax_chain,
-        args.norms,
-        args.dropout_bits,
-        args.profile,
-        not args.dense_embed,
-        args.matmul_dtype,
-      )
-    elif args.worker == "hf_flax":
-      r = worker_hf_flax(shape, args.batch, args.seq, args.warmup, args.steps, args.dtype)
-    elif args.worker == "peak":
-      r = worker_peak(args.dtype)
-    else:
-      r = worker_torch(
-        shape, args.batch, args.seq, args.warmup, args.steps, args.profile, args.torch_device, args.dtype
-      )
-    if args.worker != "peak" and kept != (args.worker in ("jax", "hf_flax")):
-      r["framework"] = r["framework"][:-1] + (", malloc heap kept)" if kept else ", glibc default malloc)")
-    print(json.dumps(r))
+    print(json.dumps(_run_as_worker(args)))
     return
 
   sys.path.insert(0, str(REPO))
@@ -668,16 +686,7 @@ def main() -> None:
   print(header + "\n|" + "---|" * (10 if flax_py else 9))
   for shape in args.shapes:
     flops = flops_per_step(shape, args.batch, args.seq)
-    ours = [{}]  # our rows: run_worker's keyword arguments
-    ours += [{"remat": True}] if args.remat else []
-    ours += [{"every_token": True}] if args.every_token else []
-    ours += [{"optax_chain": True}, {"norms": True}] if args.optimizer_levers else []
-    ours += [{"sparse_embed": False}] if args.dense_embed_grad else []
-    ours += [{"dropout_bits": "hash"}] if args.hash_dropout else []
-    ours += [{"matmul_dtype": "bfloat16"}] if args.bf16_matmul else []
-    ours += [{"matmul_dtype": "bfloat16", "dropout_bits": "hash"}] if args.bf16_matmul and args.hash_dropout else []
-    ours += [{"attention": a} for a in ("einsum", args.fused)] if args.fused else []
-    ours += [dict(kw, malloc="default") for kw in ours] if args.default_malloc else []
+    ours = _our_rows(args)
     results = []
     for round_ in range(args.rounds):  # interleaved: a drift in the host's speed hits every row alike
       for i, kw in enumerate(ours):
