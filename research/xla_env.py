@@ -31,10 +31,10 @@ def keep_host_memory() -> bool:
   CPU-only JAX (no GPU/TPU plugin installed, or JAX_PLATFORMS=cpu...). Returns whether it did.
 
   Why: XLA:CPU allocates a step's scratch buffer (1.1 GB for the MiniLM 32 x 128 train step,
-  4.2 GB for BERT-base) with malloc on one of its threads and frees it after the step. glibc
-  serves it from a fresh mmap each time (above 32 MB, or from a thread's own arena, malloc always
-  maps), so the kernel zero-fills every page again at first touch: ~280k page faults a MiniLM
-  step, ~1.1M a BERT-base step. One arena, no mmap and no trimming keep the buffer in the heap,
+  4.2-4.6 GB for BERT-base) with malloc on one of its threads and frees it after the step. glibc
+  serves a request that large with a fresh mmap each time (it is above the 32 MB mmap threshold,
+  and a thread's own arena maps whatever its 64 MB heaps cannot hold), so the kernel zero-fills
+  every page again at first touch: ~280k page faults a MiniLM step, ~1.1M a BERT-base step. One arena, no mmap and no trimming keep the buffer in the heap,
   where the next step reuses it: 0 faults, and the 32 x 128 train steps 1.13-1.37x faster on the
   Intel AMX host (benchmarks/train_step.py --default-malloc). The price: the heap fragments and is
   never given back (peak RSS 1.5-2.6x at those shapes, ~1.07x for SST-2's length buckets), and all
