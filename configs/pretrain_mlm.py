@@ -11,7 +11,7 @@
 Masking: 15% of tokens, 80% [MASK] / 10% random / 10% kept (`data.whole_word` for whole-word
 masking; `data.mask_count=exact` for exactly round(15%) per row, as BERT's own data generator,
 which needs 20 prediction slots a row at 128 tokens instead of 33: 1.13x the SST-2 TAPT run's
-steps/s, but its fine-tunes scored 0.46 lower over three seeds, README Masked-LM BERT); the
+steps/s, but its fine-tunes scored 0.46 lower over three seeds, benchmarks/results/PERFORMANCE.md, "Exactly 15% a row"); the
 loss and MLM accuracy count masked positions only; perplexity = exp(loss).
 Sequences are packed from the token stream with [SEP] between documents (no padding).
 The default corpus is WikiText-2 raw: `valid` to train and `test` to evaluate (its train split

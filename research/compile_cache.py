@@ -2,7 +2,7 @@
 
 JAX's persistent compilation cache (on by default, `research/main.py`) is keyed on the lowered
 program: a warm start still traces the step in Python and lowers it to StableHLO before the
-cache can be asked, ~1.9 s of the MiniLM step's 3.1 s warm start (README, "Compile time").
+cache can be asked, ~1.9 s of the MiniLM step's 3.1 s warm start (benchmarks/results/PERFORMANCE.md, "Compile time").
 This cache is keyed on what decides the program instead, and stores the executable itself
 (`jax.experimental.serialize_executable`):
 

@@ -175,8 +175,7 @@ def main(argv):
 
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  xla_env.set_cpu_flags()  # the trainer's XLA:CPU flags (bf16 matmuls need them), before the backend starts
-  xla_env.keep_host_memory()
+  xla_env.prepare_process()  # the trainer's XLA:CPU flags (bf16 matmuls need them) and heap setting
   f = flags.FLAGS
   compile_cache.enable(f.executable_cache)
   model, params, tok, at = load(f.workdir, f.step)

@@ -26,8 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  xla_env.set_cpu_flags()  # before the backend starts; a user's own XLA_FLAGS win
-  xla_env.keep_host_memory()  # XLA:CPU's step buffers reused, not page-faulted in again each step
+  xla_env.prepare_process()  # XLA:CPU flags (a user's own XLA_FLAGS win) and heap, before the backend starts
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s] %(message)s")
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -246,8 +246,7 @@ def main(argv):
   del argv
   for noisy in ("absl", "orbax", "jax._src"):  # checkpoint-restore chatter; errors still show
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  xla_env.set_cpu_flags()  # the trainer's XLA:CPU flags (bf16 matmuls need them), before the backend starts
-  xla_env.keep_host_memory()
+  xla_env.prepare_process()  # the trainer's XLA:CPU flags (bf16 matmuls need them) and heap setting
   f = flags.FLAGS
   compile_cache.enable(f.executable_cache)
   if f.export_mlm:

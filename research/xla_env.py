@@ -20,6 +20,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 MALLOC_ENV = "RESEARCH_HOST_MALLOC"  # "default" leaves glibc's malloc as it is
 
 
+def prepare_process() -> None:
+  """What research.main, predict and generate do before JAX's backend starts: the XLA:CPU flags
+  and the heap setting."""
+  set_cpu_flags()
+  keep_host_memory()
+
+
 def set_cpu_flags() -> None:
   """Adds CPU_FLAGS to XLA_FLAGS unless the user set the YNNPACK fusion types themselves."""
   if "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):

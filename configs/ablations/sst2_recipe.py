@@ -3,7 +3,7 @@
     python -m research.sweep --config configs/ablations/sst2_recipe.py --workdir runs/ablations/sst2_recipe --seeds 0
 
 Shipped all-MiniLM-L6-v2, mean pooling, 2 epochs (4,210 steps of batch 32), dev every 250 steps.
-The baseline without either lever is the README's `runs/sst2-mean-2ep` (89.68 final, seed 0).
+The baseline without either lever is `runs/sst2-mean-2ep` in benchmarks/results/SST2.md (89.68 final, seed 0).
 - `ema`: the BERT recipe (AdamW 5e-5, 10% warmup, linear decay) with an exponential moving
   average of the weights (decay 0.999, ~1,000 steps), which is what is evaluated and kept.
 - `ema-llrd`: lr 1e-4 with layer-wise decay 0.8 (the classifier at 1e-4, the top layer 8e-5,
