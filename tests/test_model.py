@@ -290,6 +290,44 @@ def test_erf_gelu_is_the_exact_gelu():
   np.testing.assert_allclose(grad, jax.vmap(jax.grad(lambda y: jax.nn.gelu(y, approximate=False)))(x), atol=1e-6)
 
 
+def _copies(hlo_text: str) -> list[str]:
+  """The instructions of an optimized HLO module that move data: copies, transposes."""
+  return [ln for ln in hlo_text.splitlines() if " copy(" in ln or " transpose(" in ln]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_is_nn_dense_without_the_transposed_gradient_copy(dtype):
+  """`Dense` has nn.Dense's parameters (same init from the same key), outputs and gradients, and
+  its weight gradient is taken without a transposed copy of the output gradient, which nn.Dense's
+  B x L x I contraction costs on XLA:CPU (the reason `Dense` exists)."""
+  import flax.linen as nn
+
+  from research.models.dense import Dense
+
+  x = jax.random.normal(jax.random.key(1), (4, 8, 16))
+  ours, theirs = Dense(24, dtype=dtype), nn.Dense(24, dtype=dtype)
+  params = ours.init(jax.random.key(0), x)
+  jax.tree.map(np.testing.assert_array_equal, params, theirs.init(jax.random.key(0), x))
+  params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias
+  np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ours.apply(params, x[0]), theirs.apply(params, x[0]), rtol=1e-6, atol=1e-6)
+
+  def grads(module):
+    return jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.tanh(module.apply(p, x).astype(jnp.float32)) ** 2), (0, 1)))
+
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16: the sums round in another order
+  for got, want in zip(jax.tree.leaves(grads(ours)(params, x)), jax.tree.leaves(grads(theirs)(params, x)), strict=True):
+    assert float(jnp.abs(got - want).max()) <= tol * float(jnp.abs(want).max())
+  big = jax.ShapeDtypeStruct((32, 128, 384), jnp.float32)
+  text = {m: grads(m).lower(_abstract_params(m, big), big).compile().as_text() for m in (Dense(1536), nn.Dense(1536))}
+  assert _copies(text[Dense(1536)]) == []
+  assert _copies(text[nn.Dense(1536)]), "nn.Dense no longer copies: `Dense` may be unneeded"
+
+
+def _abstract_params(module, x):
+  return jax.eval_shape(module.init, jax.random.key(0), x)
+
+
 @pytest.mark.parametrize("i,o", [(48, 32), (32, 48)])  # dw through g^T (I > O) / through x^T
 def test_bf16_matmul_multiplies_bf16_operands_into_fp32_forward_and_backward(i, o):
   from research.models.bf16 import bf16_matmul

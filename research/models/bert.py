@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from research.models.bf16 import Bf16Dense, bf16_matmul_nt
+from research.models.dense import Dense
 from research.models.dropout import Dropout
 
 
@@ -112,9 +113,10 @@ class LoraDense(nn.Module):
     bias_O = self.param("bias", nn.initializers.zeros, (self.features,))
     a_IxR = self.param("lora_a", nn.initializers.normal(1.0 / fan_in**0.5), (fan_in, self.rank))
     b_RxO = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features))
-    x = x_BxLxI.astype(self.dtype)
-    y = x @ kernel_IxO.astype(self.dtype) + bias_O.astype(self.dtype)[None, None, :]
-    return y + (self.alpha / self.rank) * ((x @ a_IxR.astype(self.dtype)) @ b_RxO.astype(self.dtype))
+    x = x_BxLxI.reshape(-1, fan_in).astype(self.dtype)  # 2-D, as in `Dense`
+    y = x @ kernel_IxO.astype(self.dtype) + bias_O.astype(self.dtype)[None, :]
+    y = y + (self.alpha / self.rank) * ((x @ a_IxR.astype(self.dtype)) @ b_RxO.astype(self.dtype))
+    return y.reshape(*x_BxLxI.shape[:-1], self.features)
 
 
 def _dense(features: int, cfg: BertConfig, dtype: Any, name: str) -> nn.Module:
@@ -123,7 +125,7 @@ def _dense(features: int, cfg: BertConfig, dtype: Any, name: str) -> nn.Module:
     return LoraDense(features, cfg.lora_rank, cfg.lora_alpha, dtype=dtype, kernel_init=init, name=name)
   if cfg.matmul_dtype == "bfloat16":
     return Bf16Dense(features, kernel_init=init, name=name)
-  return nn.Dense(features, dtype=dtype, kernel_init=init, name=name)
+  return Dense(features, dtype=dtype, kernel_init=init, name=name)
 
 
 def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
@@ -363,7 +365,12 @@ class BertForMaskedLM(nn.Module):
     h = _layer_norm(cfg, "mlm_norm")(_ACTIVATIONS[cfg.hidden_act](h))
     embedding_VxH = self.variables["params"]["bert"]["token_embed"]["embedding"]
     bias_V = self.param("mlm_bias", nn.initializers.zeros, (cfg.vocab_size,))
+    # One 2-D matmul over the flattened positions, for the reason in `Dense`: the tied embeddings'
+    # gradient is then g^T h as both lie, not a transposed copy of the BxPxV logits' gradient.
+    b, p = h.shape[:2]
+    h_MxH = h.reshape(b * p, -1).astype(jnp.float32)
     if cfg.matmul_dtype == "bfloat16":
-      b, p = h.shape[:2]
-      return bf16_matmul_nt(h.reshape(b * p, -1), embedding_VxH).reshape(b, p, -1) + bias_V[None, None, :]
-    return jnp.einsum("blh,vh->blv", h.astype(jnp.float32), embedding_VxH) + bias_V[None, None, :]
+      logits_MxV = bf16_matmul_nt(h_MxH, embedding_VxH)
+    else:
+      logits_MxV = jax.lax.dot_general(h_MxH, embedding_VxH, (((1,), (1,)), ((), ())))
+    return logits_MxV.reshape(b, p, -1) + bias_V[None, None, :]

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from research.models.bert import gelu
+from research.models.dense import Dense
 from research.models.dropout import Dropout
 
 
@@ -69,10 +70,10 @@ def rope(x_BxTxNxD: jax.Array, pos_T: jax.Array, base: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxD.dtype)
 
 
-def _dense(cfg: GPTConfig, features: int, name: str, dtype, residual: bool = False) -> nn.Dense:
+def _dense(cfg: GPTConfig, features: int, name: str, dtype, residual: bool = False) -> Dense:
   """A projection with GPT-2 init; `residual` ones (into the residual stream) get std / sqrt(2 * layers)."""
   std = cfg.initializer_range / ((2 * cfg.num_layers) ** 0.5 if residual else 1.0)
-  return nn.Dense(features, use_bias=cfg.bias, dtype=dtype, kernel_init=nn.initializers.normal(std), name=name)
+  return Dense(features, use_bias=cfg.bias, dtype=dtype, kernel_init=nn.initializers.normal(std), name=name)
 
 
 class CausalSelfAttention(nn.Module):
@@ -153,8 +154,10 @@ class GPT(nn.Module):
       x, kv = block(x, pos_T, None if cache is None else cache[i], start, train)
       new_cache.append(kv)
     x = self.final_norm(x)
-    # Tied output layer: logits = x E^T (fp32 for the softmax).
-    logits_BxTxV = self.token_embed.attend(x.astype(jnp.float32))
+    # Tied output layer: logits = x E^T (fp32 for the softmax), one 2-D matmul over the flattened
+    # positions so that E's gradient is not a transposed copy of the logits' (see `Dense`).
+    b, t, h = x.shape
+    logits_BxTxV = self.token_embed.attend(x.reshape(b * t, h).astype(jnp.float32)).reshape(b, t, -1)
     return logits_BxTxV, new_cache
 
   def __call__(self, input_ids_BxL, *, train: bool = False):
