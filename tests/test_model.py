@@ -290,16 +290,14 @@ def test_erf_gelu_is_the_exact_gelu():
   np.testing.assert_allclose(grad, jax.vmap(jax.grad(lambda y: jax.nn.gelu(y, approximate=False)))(x), atol=1e-6)
 
 
-def _copies(hlo_text: str) -> list[str]:
-  """The instructions of an optimized HLO module that move data: copies, transposes."""
-  return [ln for ln in hlo_text.splitlines() if " copy(" in ln or " transpose(" in ln]
+def _dense_grads(module):
+  """jit(grad) of a scalar function of `module`'s output, with respect to its parameters and input."""
+  return jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.tanh(module.apply(p, x).astype(jnp.float32)) ** 2), (0, 1)))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dense_is_nn_dense_without_the_transposed_gradient_copy(dtype):
-  """`Dense` has nn.Dense's parameters (same init from the same key), outputs and gradients, and
-  its weight gradient is taken without a transposed copy of the output gradient, which nn.Dense's
-  B x L x I contraction costs on XLA:CPU (the reason `Dense` exists)."""
+def test_dense_is_nn_dense(dtype):
+  """`Dense` has nn.Dense's parameters (the same init from the same key), outputs and gradients."""
   import flax.linen as nn
 
   from research.models.dense import Dense
@@ -311,21 +309,28 @@ def test_dense_is_nn_dense_without_the_transposed_gradient_copy(dtype):
   params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias
   np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(ours.apply(params, x[0]), theirs.apply(params, x[0]), rtol=1e-6, atol=1e-6)
-
-  def grads(module):
-    return jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.tanh(module.apply(p, x).astype(jnp.float32)) ** 2), (0, 1)))
-
   tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16: the sums round in another order
-  for got, want in zip(jax.tree.leaves(grads(ours)(params, x)), jax.tree.leaves(grads(theirs)(params, x)), strict=True):
-    assert float(jnp.abs(got - want).max()) <= tol * float(jnp.abs(want).max())
-  big = jax.ShapeDtypeStruct((32, 128, 384), jnp.float32)
-  text = {m: grads(m).lower(_abstract_params(m, big), big).compile().as_text() for m in (Dense(1536), nn.Dense(1536))}
-  assert _copies(text[Dense(1536)]) == []
-  assert _copies(text[nn.Dense(1536)]), "nn.Dense no longer copies: `Dense` may be unneeded"
+  got, want = _dense_grads(ours)(params, x), _dense_grads(theirs)(params, x)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert float(jnp.abs(g - w).max()) <= tol * float(jnp.abs(w).max())
 
 
-def _abstract_params(module, x):
-  return jax.eval_shape(module.init, jax.random.key(0), x)
+def test_dense_weight_gradient_takes_no_transposed_copy():
+  """The reason `Dense` exists: nn.Dense's B x L x I contraction makes XLA:CPU copy the output
+  gradient transposed for the weight gradient; the flattened matmul moves no data at all."""
+  import flax.linen as nn
+
+  from research.models.dense import Dense
+
+  x = jax.ShapeDtypeStruct((32, 128, 384), jnp.float32)
+
+  def moves(module):  # the optimized program's copies and transposes
+    params = jax.eval_shape(module.init, jax.random.key(0), x)
+    text = _dense_grads(module).lower(params, x).compile().as_text()
+    return [ln for ln in text.splitlines() if " copy(" in ln or " transpose(" in ln]
+
+  assert moves(Dense(1536)) == []
+  assert moves(nn.Dense(1536)), "nn.Dense no longer copies: `Dense` may be unneeded"
 
 
 @pytest.mark.parametrize("i,o", [(48, 32), (32, 48)])  # dw through g^T (I > O) / through x^T
