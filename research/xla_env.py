@@ -41,8 +41,8 @@ def keep_host_memory() -> bool:
   4.2-4.6 GB for BERT-base) with malloc on one of its threads and frees it after the step. glibc
   serves a request that large with a fresh mmap each time (it is above the 32 MB mmap threshold,
   and a thread's own arena maps whatever its 64 MB heaps cannot hold), so the kernel zero-fills
-  every page again at first touch: ~280k page faults a MiniLM step, ~1.1M a BERT-base step. One arena, no mmap and no trimming keep the buffer in the heap,
-  where the next step reuses it: 0 faults, and the 32 x 128 train steps 1.13-1.37x faster on the
+  every page again at first touch: ~280k page faults a MiniLM step, ~1.1M a BERT-base step. One
+  arena, no mmap and no trimming keep the buffer in the heap, where the next step reuses it: 0 faults, and the 32 x 128 train steps 1.13-1.37x faster on the
   Intel AMX host (benchmarks/train_step.py --default-malloc). The price: the heap fragments and is
   never given back (peak RSS 1.5-2.6x at those shapes, ~1.07x for SST-2's length buckets), and all
   threads share one malloc arena. Call it before JAX starts its threads (a thread that already has

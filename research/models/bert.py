@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.models.bf16 import Bf16Dense, bf16_matmul_nt
+from research.models.bf16 import bf16_matmul_nt
 from research.models.dense import Dense
 from research.models.dropout import Dropout
 
@@ -123,9 +123,7 @@ def _dense(features: int, cfg: BertConfig, dtype: Any, name: str) -> nn.Module:
   init = nn.initializers.normal(cfg.initializer_range)
   if cfg.lora_rank and name in cfg.lora_targets:
     return LoraDense(features, cfg.lora_rank, cfg.lora_alpha, dtype=dtype, kernel_init=init, name=name)
-  if cfg.matmul_dtype == "bfloat16":
-    return Bf16Dense(features, kernel_init=init, name=name)
-  return Dense(features, dtype=dtype, kernel_init=init, name=name)
+  return Dense(features, dtype=dtype, kernel_init=init, matmul_dtype=cfg.matmul_dtype, name=name)
 
 
 def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:

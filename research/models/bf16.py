@@ -1,14 +1,12 @@
 """bf16 matmul operands with fp32 results, forward and backward, for XLA:CPU's bf16 matrix units.
 
-`model.matmul_dtype=bfloat16` (configs/common.py): BERT's dense layers use `Bf16Dense`, the
-masked-LM decoder `bf16_matmul_nt`; every activation, norm and gradient stays fp32.
+`model.matmul_dtype=bfloat16` (configs/common.py): BERT's dense layers (`dense.Dense`) use
+`bf16_matmul`, the masked-LM decoder `bf16_matmul_nt`; every activation, norm and gradient stays
+fp32.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -88,17 +86,3 @@ def _bf16_matmul_nt_bwd(res, g_MxO):
 
 
 bf16_matmul_nt.defvjp(_bf16_matmul_nt_fwd, _bf16_matmul_nt_bwd)
-
-
-class Bf16Dense(nn.Module):
-  """nn.Dense (same parameters) whose matmul has bf16 operands and an fp32 result."""
-
-  features: int
-  kernel_init: Any = nn.initializers.lecun_normal()
-
-  @nn.compact
-  def __call__(self, x_BxLxI):
-    kernel_IxO = self.param("kernel", self.kernel_init, (x_BxLxI.shape[-1], self.features))
-    bias_O = self.param("bias", nn.initializers.zeros, (self.features,))
-    y = bf16_matmul(x_BxLxI.reshape(-1, x_BxLxI.shape[-1]), kernel_IxO) + bias_O[None, :]
-    return y.reshape(*x_BxLxI.shape[:-1], self.features)
