@@ -32,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import functools, json, sys, time
+from research import xla_env
+xla_env.prepare_process()  # the trainer's XLA:CPU flags and heap setting
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_compilation_cache_dir", sys.argv[1])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

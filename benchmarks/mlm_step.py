@@ -178,7 +178,8 @@ def main() -> None:
       sys.path.insert(0, str(REPO))
       from research import xla_env
 
-      xla_env.keep_host_memory()  # the trainer's heap setting, before JAX starts
+      if xla_env.keep_host_memory():  # the trainer's heap setting, before JAX starts
+        xla_env.run_cpu_steps_on_caller()
       r = worker_jax(args.worker, args.warmup, args.steps, args.matmul_dtype, args.every_token, args.dropout_bits)
     print(json.dumps(r))
     return

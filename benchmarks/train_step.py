@@ -46,9 +46,9 @@ bf16 operands into fp32, forward and backward; all else fp32), and `--torch-bf16
 `torch.autocast("cpu", torch.bfloat16)` (oneDNN's bf16 kernels; its matmul outputs are bf16):
 the two mixed-precision modes, compared with each other and with the fp32 PyTorch row. The
 "% of peak" column stays against the fp32 peak. Every JAX worker runs with the trainer's XLA:CPU
-flags and heap setting (`research/xla_env.py`: malloc keeps freed memory, so XLA's per-step
-scratch buffer is not page-faulted in afresh each step); the PyTorch rows run with glibc's malloc
-as it comes. `--default-malloc` adds each of our rows without the heap setting, and
+flags and heap setting (`research/xla_env.py`: malloc keeps freed memory, and steps run on the
+calling thread, so XLA's per-step scratch buffer is not page-faulted in afresh each step); the
+PyTorch rows run with glibc's malloc as it comes. `--default-malloc` adds each of our rows without the heap setting, and
 `--torch-keep-malloc` the PyTorch rows with it.
 
 On a GPU (JAX's default backend not the CPU) the same script measures the accelerator: the peak
@@ -533,6 +533,8 @@ def _run_as_worker(args) -> dict:
   from research import xla_env
 
   kept = args.worker != "peak" and args.torch_device == "cpu" and xla_env.keep_host_memory()
+  if kept and args.worker in ("jax", "hf_flax"):
+    xla_env.run_cpu_steps_on_caller()  # as the trainer: the kept heap serves the calling thread only
   if args.worker == "peak":
     return worker_peak(args.dtype)
   if args.worker == "hf_flax":
@@ -636,7 +638,7 @@ def main() -> None:
     "--default-malloc",
     action="store_true",
     help="also time each of our rows with glibc's malloc as it comes, without the trainer's heap setting "
-    "(research.xla_env.keep_host_memory: one arena, no mmap, no trimming)",
+    "(research.xla_env: no mmap, no trimming, steps run on the calling thread)",
   )
   p.add_argument(
     "--torch-keep-malloc",

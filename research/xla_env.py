@@ -1,5 +1,5 @@
-"""Process settings for XLA:CPU that must be made before JAX's backend starts: its flags, and how
-glibc's malloc keeps the memory of each step's buffers."""
+"""Process settings for XLA:CPU that must be made before JAX's backend starts: its flags, how
+glibc's malloc keeps the memory of each step's buffers, and which thread runs the steps."""
 
 from __future__ import annotations
 
@@ -16,15 +16,16 @@ import platform
 CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce,individual_dot"
 
 # mallopt(3) parameters (glibc's malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 MALLOC_ENV = "RESEARCH_HOST_MALLOC"  # "default" leaves glibc's malloc as it is
 
 
 def prepare_process() -> None:
-  """What research.main, predict and generate do before JAX's backend starts: the XLA:CPU flags
-  and the heap setting."""
+  """What research.main, predict and generate do before JAX's backend starts: the XLA:CPU flags,
+  the heap setting and, with it, steps run on the calling thread."""
   set_cpu_flags()
-  keep_host_memory()
+  if keep_host_memory():
+    run_cpu_steps_on_caller()
 
 
 def set_cpu_flags() -> None:
@@ -38,15 +39,18 @@ def keep_host_memory() -> bool:
   CPU-only JAX (no GPU/TPU plugin installed, or JAX_PLATFORMS=cpu...). Returns whether it did.
 
   Why: XLA:CPU allocates a step's scratch buffer (1.1 GB for the MiniLM 32 x 128 train step,
-  4.2-4.6 GB for BERT-base) with malloc on one of its threads and frees it after the step. glibc
-  serves a request that large with a fresh mmap each time (it is above the 32 MB mmap threshold,
-  and a thread's own arena maps whatever its 64 MB heaps cannot hold), so the kernel zero-fills
-  every page again at first touch: ~280k page faults a MiniLM step, ~1.1M a BERT-base step. One
-  arena, no mmap and no trimming keep the buffer in the heap, where the next step reuses it: 0 faults, and the 32 x 128 train steps 1.13-1.37x faster on the
-  Intel AMX host (benchmarks/train_step.py --default-malloc). The price: the heap fragments and is
-  never given back (peak RSS 1.5-2.6x at those shapes, ~1.07x for SST-2's length buckets), and all
-  threads share one malloc arena. Call it before JAX starts its threads (a thread that already has
-  an arena keeps it). RESEARCH_HOST_MALLOC=default skips it.
+  4.2-4.6 GB for BERT-base) with malloc and frees it after the step. glibc serves a request that
+  large with a fresh mmap each time (it is above the 32 MB mmap threshold), so the kernel
+  zero-fills every page again at first touch: ~280k page faults a MiniLM step, ~1.1M a BERT-base
+  step. No mmap and no trimming keep the buffer in the main heap, where the next step reuses it:
+  0 faults, and the 32 x 128 train steps 1.13-1.37x faster on the Intel AMX host
+  (benchmarks/train_step.py --default-malloc). This holds for memory malloc'ed on the main
+  thread only: a thread's own arena maps whatever its 64 MB heaps cannot hold regardless, which
+  is why JAX's steps must run on the calling thread (`run_cpu_steps_on_caller`, which
+  prepare_process adds). The earlier way, one malloc arena for every thread, made XLA's parallel
+  compilation contend for it (the MiniLM step compiled in 8.3-9.3 s instead of 5.7-6.0 s on 2
+  cores) and fragmented the heap (peak RSS 1.5-2.6x). Call it before JAX starts.
+  RESEARCH_HOST_MALLOC=default skips it.
   """
   if os.environ.get(MALLOC_ENV, "") == "default" or platform.system() != "Linux":
     return False
@@ -54,8 +58,20 @@ def keep_host_memory() -> bool:
     return False
   libc = ctypes.CDLL("libc.so.6")
   # trim threshold -1: never give the heap's top back (mallopt(3): "disables trimming completely")
-  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+  settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
   return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def run_cpu_steps_on_caller() -> None:
+  """Turns off JAX's asynchronous dispatch on the CPU (before its backend starts), so that a
+  compiled step runs on the thread that calls it, not on one of XLA's, and its buffers come from
+  the main thread's heap that `keep_host_memory` keeps. The call then returns when the step is
+  done (with the GIL released meanwhile, so input threads run on), and what the trainer loses is
+  the overlap of its Python between steps (the next batch, the previous step's metrics) with the
+  step's compute. Programs over several CPU devices still run on XLA's threads."""
+  import jax
+
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def _cpu_only() -> bool:
