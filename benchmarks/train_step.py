@@ -48,8 +48,8 @@ the two mixed-precision modes, compared with each other and with the fp32 PyTorc
 "% of peak" column stays against the fp32 peak. Every JAX worker runs with the trainer's XLA:CPU
 flags and heap setting (`research/xla_env.py`: malloc keeps freed memory, and steps run on the
 calling thread, so XLA's per-step scratch buffer is not page-faulted in afresh each step); the
-PyTorch rows run with glibc's malloc as it comes. `--default-malloc` adds each of our rows without the heap setting, and
-`--torch-keep-malloc` the PyTorch rows with it.
+PyTorch rows run with glibc's malloc as it comes. `--default-malloc` adds each of our rows
+without the heap setting, and `--torch-keep-malloc` the PyTorch rows with it.
 
 On a GPU (JAX's default backend not the CPU) the same script measures the accelerator: the peak
 is a jitted n=8192 matmul in the run's `--dtype` on the device (or `--peak-tflops`, a datasheet
