@@ -12,8 +12,8 @@ from conftest import REPO
 # buffer is 256 MB (an 8192 x 8192 fp32 activation between two matmuls, as in a train step) run
 # sixteen times; prints whether the heap setting was made and the page faults of the last five
 # runs (65,536 a run whose buffer the kernel maps anew). The kept heap grows by a buffer on some
-# of the first runs (a small allocation can take part of a freed buffer; up to run 8 in 20 tries),
-# then holds. With "noop" as argv[1] it runs nothing.
+# of the first runs (a small allocation can take part of a freed buffer; up to run 8 in 8 traced
+# tries), then holds. With "noop" as argv[1] it runs nothing.
 PROBE = """
 import resource, sys
 from research import xla_env
