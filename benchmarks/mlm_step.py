@@ -178,8 +178,7 @@ def main() -> None:
       sys.path.insert(0, str(REPO))
       from research import xla_env
 
-      if xla_env.keep_host_memory():  # the trainer's heap setting, before JAX starts
-        xla_env.run_cpu_steps_on_caller()
+      xla_env.keep_step_buffers()  # the trainer's heap setting, before JAX starts
       r = worker_jax(args.worker, args.warmup, args.steps, args.matmul_dtype, args.every_token, args.dropout_bits)
     print(json.dumps(r))
     return

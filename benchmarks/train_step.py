@@ -532,9 +532,8 @@ def _run_as_worker(args) -> dict:
   sys.path.insert(0, str(REPO))
   from research import xla_env
 
-  kept = args.worker != "peak" and args.torch_device == "cpu" and xla_env.keep_host_memory()
-  if kept and args.worker in ("jax", "hf_flax"):
-    xla_env.run_cpu_steps_on_caller()  # as the trainer: the kept heap serves the calling thread only
+  keep = xla_env.keep_host_memory if args.worker == "torch" else xla_env.keep_step_buffers  # as the trainer
+  kept = args.worker != "peak" and args.torch_device == "cpu" and keep()
   if args.worker == "peak":
     return worker_peak(args.dtype)
   if args.worker == "hf_flax":

@@ -24,8 +24,18 @@ def prepare_process() -> None:
   """What research.main, predict and generate do before JAX's backend starts: the XLA:CPU flags,
   the heap setting and, with it, steps run on the calling thread."""
   set_cpu_flags()
-  if keep_host_memory():
-    run_cpu_steps_on_caller()
+  keep_step_buffers()
+
+
+def keep_step_buffers() -> bool:
+  """The heap setting for a JAX process: `keep_host_memory`, and where it was made, steps on the
+  calling thread (`run_cpu_steps_on_caller`), without which XLA's threads would allocate the step
+  buffers outside the kept heap. Returns whether it was made. (A process without JAX, such as a
+  PyTorch reference, calls `keep_host_memory` alone.)"""
+  if not keep_host_memory():
+    return False
+  run_cpu_steps_on_caller()
+  return True
 
 
 def set_cpu_flags() -> None:
@@ -46,10 +56,10 @@ def keep_host_memory() -> bool:
   0 faults, and the 32 x 128 train steps 1.13-1.37x faster on the Intel AMX host
   (benchmarks/train_step.py --default-malloc). This holds for memory malloc'ed on the main
   thread only: a thread's own arena maps whatever its 64 MB heaps cannot hold regardless, which
-  is why JAX's steps must run on the calling thread (`run_cpu_steps_on_caller`, which
-  prepare_process adds). The earlier way, one malloc arena for every thread, made XLA's parallel
-  compilation contend for it (the MiniLM step compiled in 8.3-9.3 s instead of 5.7-6.0 s on 2
-  cores) and fragmented the heap (peak RSS 1.5-2.6x). Call it before JAX starts.
+  is why JAX's steps must run on the calling thread (`keep_step_buffers` makes both settings).
+  The earlier way, one malloc arena for every thread, made XLA's parallel compilation contend for
+  it (the MiniLM step compiled in 8.3-9.3 s instead of 5.7-6.0 s on 2 cores) and fragmented the
+  heap (peak RSS 1.5-2.6x). Call it before JAX starts.
   RESEARCH_HOST_MALLOC=default skips it.
   """
   if os.environ.get(MALLOC_ENV, "") == "default" or platform.system() != "Linux":

@@ -18,9 +18,7 @@ PROBE = """
 import resource, sys
 from research import xla_env
 xla_env.set_cpu_flags()
-kept = xla_env.keep_host_memory()
-if kept:
-  xla_env.run_cpu_steps_on_caller()
+kept = xla_env.keep_step_buffers()
 if sys.argv[1:] == ["noop"]:
   print(kept, 0)
   raise SystemExit
