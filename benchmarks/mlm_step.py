@@ -179,6 +179,7 @@ def main() -> None:
       from research import xla_env
 
       xla_env.keep_step_buffers()  # the trainer's heap setting, before JAX starts
+      xla_env.unroll_threefry()  # and its Threefry lowering
       r = worker_jax(args.worker, args.warmup, args.steps, args.matmul_dtype, args.every_token, args.dropout_bits)
     print(json.dumps(r))
     return

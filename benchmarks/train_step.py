@@ -534,6 +534,8 @@ def _run_as_worker(args) -> dict:
 
   keep = xla_env.keep_host_memory if args.worker == "torch" else xla_env.keep_step_buffers  # as the trainer
   kept = args.worker != "peak" and args.torch_device == "cpu" and keep()
+  if args.worker not in ("peak", "torch"):
+    xla_env.unroll_threefry()  # as the trainer, for HF Flax's dropout too
   if args.worker == "peak":
     return worker_peak(args.dtype)
   if args.worker == "hf_flax":

@@ -1,10 +1,12 @@
 """Process settings for XLA:CPU that must be made before JAX's backend starts: its flags, how
-glibc's malloc keeps the memory of each step's buffers, and which thread runs the steps."""
+glibc's malloc keeps the memory of each step's buffers, and which thread runs the steps; and,
+before the first program is lowered, how Threefry's random bits are lowered for the CPU."""
 
 from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import math
 import os
 import platform
 
@@ -19,12 +21,17 @@ CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce,individual_dot"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 MALLOC_ENV = "RESEARCH_HOST_MALLOC"  # "default" leaves glibc's malloc as it is
 
+# Threefry calls over at least this many counters are lowered unrolled on the CPU (see
+# `unroll_threefry`); smaller ones (deriving keys: fold_in, split) keep JAX's loop.
+THREEFRY_UNROLL_MIN = 1024
+
 
 def prepare_process() -> None:
   """What research.main, predict and generate do before JAX's backend starts: the XLA:CPU flags,
-  the heap setting and, with it, steps run on the calling thread."""
+  the heap setting and, with it, steps run on the calling thread; and Threefry unrolled."""
   set_cpu_flags()
   keep_step_buffers()
+  unroll_threefry()
 
 
 def keep_step_buffers() -> bool:
@@ -82,6 +89,37 @@ def run_cpu_steps_on_caller() -> None:
   import jax
 
   jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+def unroll_threefry(min_size: int = THREEFRY_UNROLL_MIN) -> bool:
+  """Lowers JAX's Threefry hash for the CPU unrolled, as on GPU and TPU, wherever it hashes at
+  least `min_size` counters: the random bits of dropout masks. Returns whether it could.
+
+  Why: on the CPU JAX lowers Threefry's 20 rounds as a loop of 5 iterations, to compile faster;
+  over a mask's bits each iteration is a pass that reads and writes two arrays the size of the
+  mask, where unrolled XLA computes the bits in one fused pass, inside the fusion that compares
+  them. The bits are the same (the same arithmetic in the same order; a MiniLM 32 x 128 train
+  step gives bit-identical parameters) and the step is 1.16x faster (1.40 s against 1.63 s, the
+  Intel AMX host); it compiles faster too (4.2 against 6.4 s: fewer loops), while its
+  serialized executable is larger (warm load 1.02 against 0.89 s). Key derivations (a few
+  counters each) keep the loop, where unrolling would only add code. The hook is JAX's own
+  lowering registry (`jax._src`, JAX 0.12): with another JAX that lacks it, nothing changes.
+  Programs lowered before the call are not affected; it does nothing for GPU and TPU programs.
+  """
+  try:
+    from jax._src.interpreters import mlir
+    from jax._src.random import threefry2x32 as threefry
+
+    primitive = threefry.threefry2x32_p
+    unrolled, rolled = threefry._threefry2x32_lowering_rule, threefry._threefry2x32_cpu_lowering_rule
+  except (ImportError, AttributeError):
+    return False
+
+  def lowering(ctx, *args):
+    return (unrolled if math.prod(ctx.avals_out[0].shape) >= min_size else rolled)(ctx, *args)
+
+  mlir.register_lowering(primitive, lowering, platform="cpu")
+  return True
 
 
 def _cpu_only() -> bool:

@@ -53,3 +53,30 @@ def test_keep_host_memory_reuses_the_steps_buffers():
   assert kept == "False"
   kept, _ = _probe("noop", JAX_PLATFORMS="cpu")
   assert kept == "True"
+
+
+def test_unroll_threefry_gives_the_same_bits_without_the_loop():
+  import jax
+  import numpy as np
+  from jax._src.interpreters import mlir
+  from jax._src.random import threefry2x32 as threefry
+
+  from research import xla_env
+  from research.models.dropout import dropout
+
+  def draws(key):  # a key derivation (a few counters), a mask's bits (6,144 counters), bernoulli (600)
+    x = jax.numpy.ones((4, 12, 16, 16))
+    return dropout(x, 0.1, jax.random.fold_in(key, 7), "jax"), jax.random.bernoulli(key, 0.3, (20, 30))
+
+  key = jax.random.key(3)
+  loops = lambda fn: fn.lower(key).compile().as_text().count(" while(")  # noqa: E731
+  rolled = jax.jit(lambda k: draws(k))  # a new function for each: each is lowered anew
+  try:
+    assert xla_env.unroll_threefry()
+    unrolled = jax.jit(lambda k: draws(k))
+    assert loops(unrolled) == 2  # the key derivation's and bernoulli's 600 counters keep the loop
+  finally:  # JAX's own rule again, for the other tests in this process
+    mlir.register_lowering(threefry.threefry2x32_p, threefry._threefry2x32_cpu_lowering_rule, platform="cpu")
+  assert loops(rolled) == 3
+  for a, b in zip(rolled(key), unrolled(key), strict=True):
+    np.testing.assert_array_equal(a, b)
