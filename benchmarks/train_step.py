@@ -49,7 +49,10 @@ the two mixed-precision modes, compared with each other and with the fp32 PyTorc
 flags and heap setting (`research/xla_env.py`: malloc keeps freed memory, and steps run on the
 calling thread, so XLA's per-step scratch buffer is not page-faulted in afresh each step); the
 PyTorch rows run with glibc's malloc as it comes. `--default-malloc` adds each of our rows
-without the heap setting, and `--torch-keep-malloc` the PyTorch rows with it.
+without the heap setting, and `--torch-keep-malloc` the PyTorch rows with it. JAX workers (HF
+Flax's too) also lower Threefry's dropout bits unrolled, as the trainer does
+(`xla_env.unroll_threefry`); `--rolled-threefry` adds our default step and, with `--hf-flax`,
+HF Flax's with JAX's own loop (the "vs HF Flax" column stays against HF Flax with the unrolling).
 
 On a GPU (JAX's default backend not the CPU) the same script measures the accelerator: the peak
 is a jitted n=8192 matmul in the run's `--dtype` on the device (or `--peak-tflops`, a datasheet
@@ -459,9 +462,12 @@ def run_worker(
   sparse_embed: bool = True,
   matmul_dtype: str = "float32",
   malloc: str = "keep",
+  threefry: str = "unrolled",
 ) -> dict:
   """One row in a process of its own. `malloc`: "keep" for the trainer's heap setting
-  (research.xla_env.keep_host_memory), "default" for glibc's malloc as it comes."""
+  (research.xla_env.keep_host_memory), "default" for glibc's malloc as it comes. `threefry`:
+  "unrolled" as the trainer lowers it for the CPU (research.xla_env.unroll_threefry), "rolled"
+  as JAX does."""
   cmd = (
     [
       python,
@@ -494,7 +500,7 @@ def run_worker(
     + (["--profile"] if args.profile else [])
     + ["--torch-device", args.torch_device]
   )
-  env = dict(os.environ, RESEARCH_HOST_MALLOC=malloc)
+  env = dict(os.environ, RESEARCH_HOST_MALLOC=malloc, RESEARCH_THREEFRY=threefry)
   out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
   if out.returncode:
     raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-4000:]}")
@@ -512,6 +518,7 @@ def _our_rows(args) -> list[dict]:
   ours += [{"matmul_dtype": "bfloat16"}] if args.bf16_matmul else []
   ours += [{"matmul_dtype": "bfloat16", "dropout_bits": "hash"}] if args.bf16_matmul and args.hash_dropout else []
   ours += [{"attention": a} for a in ("einsum", args.fused)] if args.fused else []
+  ours += [{"threefry": "rolled"}] if args.rolled_threefry else []
   return ours + ([dict(kw, malloc="default") for kw in ours] if args.default_malloc else [])
 
 
@@ -534,8 +541,7 @@ def _run_as_worker(args) -> dict:
 
   keep = xla_env.keep_host_memory if args.worker == "torch" else xla_env.keep_step_buffers  # as the trainer
   kept = args.worker != "peak" and args.torch_device == "cpu" and keep()
-  if args.worker not in ("peak", "torch"):
-    xla_env.unroll_threefry()  # as the trainer, for HF Flax's dropout too
+  unrolled = args.worker in ("jax", "hf_flax") and xla_env.unroll_threefry()  # as the trainer, HF Flax too
   if args.worker == "peak":
     return worker_peak(args.dtype)
   if args.worker == "hf_flax":
@@ -563,6 +569,8 @@ def _run_as_worker(args) -> dict:
     )
   if kept != (args.worker in ("jax", "hf_flax")):
     r["framework"] = r["framework"][:-1] + (", malloc heap kept)" if kept else ", glibc default malloc)")
+  if unrolled != (args.worker in ("jax", "hf_flax")):
+    r["framework"] = r["framework"][:-1] + ", JAX's rolled Threefry)"
   return r
 
 
@@ -642,6 +650,12 @@ def main() -> None:
     "(research.xla_env: no mmap, no trimming, steps run on the calling thread)",
   )
   p.add_argument(
+    "--rolled-threefry",
+    action="store_true",
+    help="also time our step with JAX's own CPU lowering of Threefry (a loop; the trainer unrolls it: "
+    "research.xla_env.unroll_threefry)",
+  )
+  p.add_argument(
     "--torch-keep-malloc",
     action="store_true",
     help="also time each PyTorch row with that heap setting (the reference rows run with glibc's default)",
@@ -701,6 +715,10 @@ def main() -> None:
     flax_row = run_worker(flax_py, "hf_flax", args, shape) if flax_py else None
     # with --bf16-matmul, HF Flax's own mixed precision too (a row after the fp32 reference)
     flax_bf16 = run_worker(flax_py, "hf_flax", args, shape, "bfloat16") if flax_py and args.bf16_matmul else None
+    # with --rolled-threefry, HF Flax as it comes too (JAX's lowering; the speed ratios stay against the row above)
+    flax_rolled = (
+      run_worker(flax_py, "hf_flax", args, shape, threefry="rolled") if flax_py and args.rolled_threefry else None
+    )
     if torch_py:  # autocast unless float32; glibc's malloc as PyTorch users run it
       results.append(run_worker(torch_py, "torch", args, shape, args.dtype, malloc="default"))
     if torch_py or reference == "einsum":
@@ -714,7 +732,7 @@ def main() -> None:
       for dtype in [args.dtype] + (["bfloat16"] if args.torch_bf16 else []):
         results.append(run_worker(torch_py, "torch", args, shape, dtype, malloc="keep"))
     flax_ref = statistics.median(flax_row["times"]) if flax_row else None
-    for r in results + [row for row in (flax_row, flax_bf16) if row]:
+    for r in results + [row for row in (flax_row, flax_bf16, flax_rolled) if row]:
       med = statistics.median(r["times"])
       ratio = f"{ref / med:.2f}x" if ref else "-"
       temp = f"{r['temp_gb']:.2f}" if "temp_gb" in r else "-"

@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = a.task
   c.eval_split = "dev"
   c.seed = 0
-  c.rng_impl = "threefry2x32"  # dropout bits; "rbg" is faster on CPU/GPU (see README Performance)
+  c.rng_impl = "threefry2x32"  # dropout bits; "rbg": XLA's RngBitGenerator, layout-dependent
 
   c.data = dict(
     source="auto",  # auto | tsv | tfds

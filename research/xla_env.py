@@ -24,6 +24,7 @@ MALLOC_ENV = "RESEARCH_HOST_MALLOC"  # "default" leaves glibc's malloc as it is
 # Threefry calls over at least this many counters are lowered unrolled on the CPU (see
 # `unroll_threefry`); smaller ones (deriving keys: fold_in, split) keep JAX's loop.
 THREEFRY_UNROLL_MIN = 1024
+THREEFRY_ENV = "RESEARCH_THREEFRY"  # "rolled" leaves JAX's own CPU lowering
 
 
 def prepare_process() -> None:
@@ -105,7 +106,10 @@ def unroll_threefry(min_size: int = THREEFRY_UNROLL_MIN) -> bool:
   counters each) keep the loop, where unrolling would only add code. The hook is JAX's own
   lowering registry (`jax._src`, JAX 0.12): with another JAX that lacks it, nothing changes.
   Programs lowered before the call are not affected; it does nothing for GPU and TPU programs.
+  RESEARCH_THREEFRY=rolled skips it.
   """
+  if os.environ.get(THREEFRY_ENV, "") == "rolled":
+    return False
   try:
     from jax._src.interpreters import mlir
     from jax._src.random import threefry2x32 as threefry

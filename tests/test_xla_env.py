@@ -55,7 +55,7 @@ def test_keep_host_memory_reuses_the_steps_buffers():
   assert kept == "True"
 
 
-def test_unroll_threefry_gives_the_same_bits_without_the_loop():
+def test_unroll_threefry_gives_the_same_bits_without_the_loop(monkeypatch):
   import jax
   import numpy as np
   from jax._src.interpreters import mlir
@@ -71,6 +71,9 @@ def test_unroll_threefry_gives_the_same_bits_without_the_loop():
   key = jax.random.key(3)
   loops = lambda fn: fn.lower(key).compile().as_text().count(" while(")  # noqa: E731
   rolled = jax.jit(lambda k: draws(k))  # a new function for each: each is lowered anew
+  monkeypatch.setenv("RESEARCH_THREEFRY", "rolled")
+  assert not xla_env.unroll_threefry()  # the opt-out
+  monkeypatch.delenv("RESEARCH_THREEFRY")
   try:
     assert xla_env.unroll_threefry()
     unrolled = jax.jit(lambda k: draws(k))
