@@ -179,7 +179,10 @@ def _environment() -> str:
       "packages": sorted(f for p in site if os.path.isdir(p) for f in os.listdir(p) if f.endswith(".dist-info")),
       "python": sys.version,
       "jax_config": {k: repr(v) for k, v in jax.config.values.items() if k != "jax_compilation_cache_dir"},
-      "env": {k: os.environ.get(k, "") for k in ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "CUDA_VISIBLE_DEVICES")},
+      # RESEARCH_THREEFRY: whether research.xla_env unrolls Threefry's CPU lowering.
+      "env": {
+        k: os.environ.get(k, "") for k in ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "CUDA_VISIBLE_DEVICES", "RESEARCH_THREEFRY")
+      },
       "devices": devices,
       "platform_version": backend.platform_version,
       "cpu": _cpu_flags(),
