@@ -178,8 +178,7 @@ def main() -> None:
       sys.path.insert(0, str(REPO))
       from research import xla_env
 
-      xla_env.keep_step_buffers()  # the trainer's heap setting, before JAX starts
-      xla_env.unroll_threefry()  # and its Threefry lowering
+      xla_env.prepare_process()  # the trainer's process settings (heap, Threefry), before JAX starts
       r = worker_jax(args.worker, args.warmup, args.steps, args.matmul_dtype, args.every_token, args.dropout_bits)
     print(json.dumps(r))
     return

@@ -42,6 +42,8 @@ from pathlib import Path
 import jax
 from jax.experimental import serialize_executable
 
+from research import xla_env
+
 log = logging.getLogger(__name__)
 
 _DIR: Path | None = None
@@ -179,9 +181,10 @@ def _environment() -> str:
       "packages": sorted(f for p in site if os.path.isdir(p) for f in os.listdir(p) if f.endswith(".dist-info")),
       "python": sys.version,
       "jax_config": {k: repr(v) for k, v in jax.config.values.items() if k != "jax_compilation_cache_dir"},
-      # RESEARCH_THREEFRY: whether research.xla_env unrolls Threefry's CPU lowering.
+      # THREEFRY_ENV: whether xla_env.unroll_threefry changed Threefry's CPU lowering.
       "env": {
-        k: os.environ.get(k, "") for k in ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "CUDA_VISIBLE_DEVICES", "RESEARCH_THREEFRY")
+        k: os.environ.get(k, "")
+        for k in ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "CUDA_VISIBLE_DEVICES", xla_env.THREEFRY_ENV)
       },
       "devices": devices,
       "platform_version": backend.platform_version,
