@@ -111,6 +111,10 @@ def _time(step, warmup: int, steps: int) -> list[float]:
   return times
 
 
+# Trace events that wrap ops rather than being one: the executable run, thread pools, Python.
+_NOT_OPS = ("$", "ThunkExecutor", "PjitFunction", "SlinkyThreadPool", "CommonPjRtLoadedExecutable")
+
+
 def _profile(step, steps: int = 2, top: int = 12) -> list[list]:
   """Runs `steps` more steps under jax.profiler and sums the compiled step's op time by kind
   (the HLO name without its number: `ynn_fusion` = YNNPACK dots with what XLA fused into them,
@@ -134,7 +138,7 @@ def _profile(step, steps: int = 2, top: int = 12) -> list[list]:
   with gzip.open(trace) as f:
     events = json.load(f)["traceEvents"]
   for e in events:
-    if e.get("ph") == "X" and not e["name"].startswith(("$", "ThunkExecutor", "PjitFunction", "SlinkyThreadPool")):
+    if e.get("ph") == "X" and not e["name"].startswith(_NOT_OPS):
       kind = re.sub(r"\.\d+$", "", e["name"])
       ms[kind] += e["dur"] / 1e3 / steps
       n[kind] += 1 / steps
@@ -333,7 +337,9 @@ def worker_torch(
   }
 
 
-def worker_hf_flax(shape: str, batch: int, seq: int, warmup: int, steps: int, dtype: str = "float32") -> dict:
+def worker_hf_flax(
+  shape: str, batch: int, seq: int, warmup: int, steps: int, dtype: str = "float32", profile: bool = False
+) -> dict:
   """Hugging Face's Flax BERT (transformers 4.x, the last with Flax classes) under jax.jit, as
   its `run_flax_glue.py` trains it: `model.__call__` with `dropout_rng`, optax AdamW (plus
   clipping at 1.0, as the PyTorch side), donated state, on the same jax/XLA as ours. `dtype`
@@ -370,7 +376,7 @@ def worker_hf_flax(shape: str, batch: int, seq: int, warmup: int, steps: int, dt
     return (optax.apply_updates(params, updates), opt_state), loss
 
   state = [(model.params, tx.init(model.params))]
-  keys = iter(jax.random.split(jax.random.key(0), warmup + steps))
+  keys = iter(jax.random.split(jax.random.key(0), warmup + steps + 2))  # + the 2 profiled steps
 
   def step():
     state[0], loss = train_step(state[0], next(keys))
@@ -383,6 +389,8 @@ def worker_hf_flax(shape: str, batch: int, seq: int, warmup: int, steps: int, dt
     "times": times,
     "rss_gb": _peak_rss_gb(),
     "device_gb": _jax_device_peak_gb(),
+    "profile": _profile(step) if profile else None,
+    "profile_unit": "summed over XLA's threads",
   }
 
 
@@ -545,7 +553,7 @@ def _run_as_worker(args) -> dict:
   if args.worker == "peak":
     return worker_peak(args.dtype)
   if args.worker == "hf_flax":
-    r = worker_hf_flax(shape, args.batch, args.seq, args.warmup, args.steps, args.dtype)
+    r = worker_hf_flax(shape, args.batch, args.seq, args.warmup, args.steps, args.dtype, args.profile)
   elif args.worker == "torch":
     r = worker_torch(shape, args.batch, args.seq, args.warmup, args.steps, args.profile, args.torch_device, args.dtype)
   else:
@@ -641,7 +649,7 @@ def main() -> None:
   p.add_argument(
     "--profile",
     action="store_true",
-    help="after timing, profile 2 steps of each row (ours: jax.profiler; PyTorch: torch.profiler)",
+    help="after timing, profile 2 steps of each row (ours and HF Flax: jax.profiler; PyTorch: torch.profiler)",
   )
   p.add_argument(
     "--default-malloc",
@@ -732,7 +740,8 @@ def main() -> None:
       for dtype in [args.dtype] + (["bfloat16"] if args.torch_bf16 else []):
         results.append(run_worker(torch_py, "torch", args, shape, dtype, malloc="keep"))
     flax_ref = statistics.median(flax_row["times"]) if flax_row else None
-    for r in results + [row for row in (flax_row, flax_bf16, flax_rolled) if row]:
+    every_row = results + [row for row in (flax_row, flax_bf16, flax_rolled) if row]
+    for r in every_row:
       med = statistics.median(r["times"])
       ratio = f"{ref / med:.2f}x" if ref else "-"
       temp = f"{r['temp_gb']:.2f}" if "temp_gb" in r else "-"
@@ -749,7 +758,7 @@ def main() -> None:
           f"  ({shape}, {r['framework']}: formula {flops / 1e9:.0f} GFLOP/step, XLA cost analysis "
           f"{r['xla_flops'] / 1e9:.0f}; compile {r['compile_s']:.1f} s)"
         )
-    for r in results:
+    for r in every_row:
       if r.get("profile"):  # the last round's
         print(f"\nop time by kind, {shape}, {r['framework']} (ms per step, {r['profile_unit']}; ops per step):")
         print("  " + "; ".join(f"{kind} {ms:.0f} ({n})" for kind, ms, n in r["profile"]))
