@@ -20,6 +20,18 @@ from orbax.checkpoint import checkpoint_managers as cm
 log = logging.getLogger(__name__)
 
 
+class _SavesBetweenEvals(logging.Filter):
+  """Drops Orbax's warning for a save without metrics. The trainer saves between evals on
+  purpose (checkpoint_every_steps, preemption); such a step is kept as the latest, never ranked
+  as the best (BestN(keep_checkpoints_without_metrics=False)), so the warning is noise."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_SavesBetweenEvals())  # orbax logs through absl's logger
+
+
 class MismatchError(ValueError):
   """A checkpoint whose train state does not fit this run's (model, optimizer, strategy)."""
 

@@ -407,3 +407,21 @@ def test_saving_replicated_arrays_on_cpu_compiles_nothing_and_restores_exactly(t
   step, restored, metrics = checkpoint.restore_on_host(tmp_path / "ckpt")
   assert step == 1 and metrics["accuracy"] == 0.5
   jax.tree.map(np.testing.assert_array_equal, restored, host)
+
+
+def test_a_save_between_evals_keeps_latest_and_best_and_logs_no_orbax_warning(tmp_path, caplog):
+  """Saves without metrics (checkpoint_every_steps, preemption) are kept as the latest and never
+  ranked; Orbax's warning about them is filtered out."""
+  import logging
+
+  state = {"w": np.arange(3, dtype=np.float32)}
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", best_metric="accuracy")
+  with caplog.at_level(logging.WARNING):
+    ckpt.save(1, state, {"position": 1}, {}, metrics={"accuracy": 0.9})
+    ckpt.save(2, state, {"position": 2}, {}, metrics={"accuracy": 0.5})
+    ckpt.save(3, state, {"position": 3}, {})  # between evals
+    ckpt.wait()
+  assert ckpt.latest_step() == 3 and ckpt.best_step() == 1
+  assert sorted(ckpt.manager.all_steps()) == [1, 3]
+  ckpt.close()
+  assert not [r for r in caplog.records if "metrics" in r.getMessage()]
