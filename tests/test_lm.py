@@ -116,6 +116,27 @@ def _lm_config(tmp_path, **overrides):
   return c
 
 
+def test_bad_corpora_give_errors_that_name_the_files(tmp_path):
+  """A corpus too small for one batch, an empty validation split and a file that is not UTF-8
+  are refused naming the config key and the file; a character that only the validation text
+  holds gets an id (the char vocabulary covers the whole corpus, as nanoGPT's)."""
+  tiny = tmp_path / "tiny.txt"
+  tiny.write_text("hi\n")
+  with pytest.raises(ValueError, match=r"config.data.train_files=.*tiny.txt: the corpus has \d+ tokens"):
+    train.train_and_evaluate(_lm_config(tmp_path, **{"data.train_files": str(tiny)}), tmp_path / "a")
+  with pytest.raises(ValueError, match=r"the last config.data.val_fraction=0.0 .*: 0 validation tokens"):
+    train.train_and_evaluate(_lm_config(tmp_path, **{"data.val_fraction": 0.0}), tmp_path / "b")
+  binary = tmp_path / "binary.txt"
+  binary.write_bytes(b"caf\xe9\n" * 10)
+  with pytest.raises(ValueError, match=r"config.data.val_files: .*binary.txt is not UTF-8 text"):
+    train.train_and_evaluate(_lm_config(tmp_path, **{"data.val_files": str(binary)}), tmp_path / "c")
+  val = tmp_path / "val.txt"
+  val.write_text("line 7: the quick brown fox jumps over the lazy dog!\n")  # "!" is not in the training text
+  c = _lm_config(tmp_path, **{"data.val_files": str(val), "num_train_steps": 1, "eval_every_steps": 1})
+  assert np.isfinite(train.train_and_evaluate(c, tmp_path / "d")["final"]["loss"])
+  assert "!" in lm.CharTokenizer.load(tmp_path / "d" / "tokenizer").chars
+
+
 def test_pretraining_learns_resumes_exactly_and_samples(tmp_path):
   from research import checkpoint
 

@@ -128,15 +128,19 @@ def lm_data(config, workdir: Path) -> Data:
   d = config.data
   text = lm.read_text(d.train_files)
   if d.val_files:
-    train_text, val_text = text, lm.read_text(d.val_files)
+    train_text, val_text = text, lm.read_text(d.val_files, key="config.data.val_files")
+    val_source = f"config.data.val_files={d.val_files}"
   else:  # the last val_fraction of the text, as nanoGPT splits shakespeare_char
     cut = int(len(text) * (1 - d.val_fraction))
     train_text, val_text = text[:cut], text[cut:]
+    val_source = f"the last config.data.val_fraction={d.val_fraction} of config.data.train_files={d.train_files}"
   tok_dir = workdir / "tokenizer"
   if (tok_dir / lm.CharTokenizer.FILE).exists() or (tok_dir / "tokenizer.json").exists():
     tokenizer = lm.load_tokenizer(workdir)  # a resumed run keeps its vocabulary
   elif d.tokenizer == "char":
-    tokenizer = lm.CharTokenizer.train(train_text)
+    # Every character of the corpus, validation text included, as nanoGPT's shakespeare_char:
+    # a character that only the validation text holds would otherwise have no id.
+    tokenizer = lm.CharTokenizer.train(train_text + val_text)
     if jax.process_index() == 0:
       tokenizer.save(tok_dir)
   else:
@@ -150,15 +154,20 @@ def lm_data(config, workdir: Path) -> Data:
     if config.task == "mlm"
     else None
   )
-  train_iter = lm.PackedIterator(
-    train_tokens,
-    seq_len=d.seq_len,
-    batch_size=config.batch_size,
-    seed=config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    masker=masker,
-  )
+  try:
+    train_iter = lm.PackedIterator(
+      train_tokens,
+      seq_len=d.seq_len,
+      batch_size=config.batch_size,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      masker=masker,
+    )
+  except ValueError as e:  # too small a corpus: name it
+    raise ValueError(f"config.data.train_files={d.train_files}: {e}") from None
+  if len(val_tokens) < 2:  # no target to predict: the eval would report a loss of 0
+    raise ValueError(f"{val_source}: {len(val_tokens)} validation tokens, nothing to evaluate on")
 
   def evaluate_lm(eval_fn, state, strategy) -> dict:
     sums = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}

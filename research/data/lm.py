@@ -40,7 +40,7 @@ class CharTokenizer:
   def encode(self, text: str) -> list[int]:
     missing = sorted(set(text) - set(self.index))
     if missing:
-      raise ValueError(f"characters not in the vocabulary: {missing[:10]}")
+      raise ValueError(f"characters not in the vocabulary (the training corpus's): {missing[:10]}")
     return [self.index[c] for c in text]
 
   def decode(self, ids) -> str:
@@ -65,16 +65,19 @@ def load_tokenizer(folder: str | Path):
   return transformers.AutoTokenizer.from_pretrained(str(folder))
 
 
-def read_text(paths: str) -> str:
-  """Comma-separated text files, concatenated. Errors name the missing file."""
+def read_text(paths: str, key: str = "config.data.train_files") -> str:
+  """Comma-separated text files, concatenated. Errors name the config key and the file."""
   parts = []
   for p in filter(None, (s.strip() for s in paths.split(","))):
     path = Path(p)
     if not path.is_file():
-      raise FileNotFoundError(f"config.data.train_files: {path} does not exist")
-    parts.append(path.read_text(encoding="utf-8"))
+      raise FileNotFoundError(f"{key}: {path} does not exist")
+    try:
+      parts.append(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{key}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
   if not parts:
-    raise ValueError("config.data.train_files is empty")
+    raise ValueError(f"{key} is empty")
   return "".join(parts)
 
 
