@@ -24,6 +24,7 @@ and export then use the average (`ema_params`); training continues from the raw 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -34,6 +35,8 @@ import ml_collections
 import optax
 
 from research import finetune
+
+log = logging.getLogger(__name__)
 
 
 @flax.struct.dataclass
@@ -153,7 +156,24 @@ OPTIMIZERS: dict[str, Callable] = {
 
 def make_schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """constant | linear | cosine | inverse_sqrt, each after a linear warmup."""
+  if c.lr < 0:
+    raise ValueError(f"config.optimizer.lr={c.lr}: must be >= 0")
+  if c.warmup_steps < 0 or not 0.0 <= c.warmup_ratio < 1.0:
+    raise ValueError(
+      f"config.optimizer.warmup_steps={c.warmup_steps}, warmup_ratio={c.warmup_ratio}: "
+      "expected warmup_steps >= 0 and 0 <= warmup_ratio < 1"
+    )
+  if not 0.0 <= c.end_lr_ratio <= 1.0:
+    raise ValueError(f"config.optimizer.end_lr_ratio={c.end_lr_ratio}: expected 0 <= end_lr_ratio <= 1")
   warmup = c.warmup_steps or int(round(c.warmup_ratio * total_steps))
+  if warmup >= total_steps:
+    log.warning(
+      "config.optimizer.warmup_steps=%d is not shorter than the run's %d steps: the learning rate never reaches "
+      "config.optimizer.lr=%g",
+      warmup,
+      total_steps,
+      c.lr,
+    )
   decay_steps = max(total_steps - warmup, 1)
   end = c.lr * c.end_lr_ratio
   if c.schedule == "constant":

@@ -99,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   lm_task = config.task in LM_TASKS
   task = None if lm_task else tasks.get_task(config.task)
   loss_fn = losses.get_loss(config.loss or ("softmax_xent" if lm_task else task.default_loss))
-  _check_intervals(config)
+  _check_run_fields(config)
 
   # --- Mesh ------------------------------------------------------------------------------
   mesh = parallel.make_mesh(config.num_devices, config.get("fsdp", 1))
@@ -339,10 +339,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 _LATEST = ("grad_norm", "param_norm", "update_norm", "lr")  # logged as their latest measured value
 
 
-def _check_intervals(config: ml_collections.ConfigDict) -> None:
+def _check_run_fields(config: ml_collections.ConfigDict) -> None:
+  """The run's length, batch and interval fields, before any data is read."""
   for key in ("eval_every_steps", "checkpoint_every_steps", "keep_every_steps"):
     if config[key] < 0:
       raise ValueError(f"config.{key}={config[key]}: must be >= 0 (0 = never)")
+  for key in ("batch_size", "eval_batch_size", "log_every_steps"):
+    if config[key] <= 0:
+      raise ValueError(f"config.{key}={config[key]}: must be > 0")
+  if config.num_train_steps < 0:
+    raise ValueError(f"config.num_train_steps={config.num_train_steps}: must be >= 0 (0 = config.num_epochs)")
+  if not config.num_train_steps and not config.num_epochs > 0:
+    raise ValueError(
+      f"config.num_train_steps=0 and config.num_epochs={config.num_epochs}: set one of them to the run's length"
+    )
 
 
 def _accumulate(sums: dict, m: dict) -> None:

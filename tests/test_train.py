@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from conftest import REPO, TWO_BUCKETS, tiny_config
@@ -221,6 +222,38 @@ def test_batch_size_must_split_over_devices(small_glue, tmp_path):
     train.train_and_evaluate(tiny_config(small_glue, batch_size=12), tmp_path)
   with pytest.raises(ValueError, match=r"config.keep_every_steps=-5: must be >= 0"):
     train.train_and_evaluate(tiny_config(small_glue, keep_every_steps=-5), tmp_path)
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"batch_size": 0}, r"config.batch_size=0: must be > 0"),
+    ({"log_every_steps": 0}, r"config.log_every_steps=0: must be > 0"),
+    ({"num_train_steps": -5}, r"config.num_train_steps=-5: must be >= 0"),
+    ({"num_train_steps": 0, "num_epochs": 0.0}, r"config.num_train_steps=0 and config.num_epochs=0.0"),
+    ({"optimizer.lr": -1.0}, r"config.optimizer.lr=-1.0: must be >= 0"),
+    ({"optimizer.warmup_ratio": 1.5}, r"warmup_ratio=1.5: expected warmup_steps >= 0 and 0 <= warmup_ratio < 1"),
+    ({"optimizer.end_lr_ratio": -0.1}, r"config.optimizer.end_lr_ratio=-0.1"),
+  ],
+)
+def test_bad_run_fields_are_refused_by_name(small_glue, tmp_path, overrides, message):
+  """Each of these used to run: a zero batch failed deep in the data code, a negative lr or
+  step count trained backwards or not at all and reported success."""
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(tiny_config(small_glue, **overrides), tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about(caplog):
+  import logging
+
+  from research import optim
+
+  c = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=50, warmup_ratio=0.0, end_lr_ratio=0.0, schedule="linear"))
+  with caplog.at_level(logging.WARNING):
+    schedule = optim.make_schedule(c, total_steps=20)
+  assert "warmup_steps=50 is not shorter than the run's 20 steps" in caplog.text
+  assert float(schedule(19)) < 1e-3
 
 
 def test_pmap_run_matches_jit_run_and_checkpoints_interchange(small_glue, tmp_path):
