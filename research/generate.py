@@ -148,6 +148,11 @@ def _define_flags() -> None:
   flags.DEFINE_bool("cache", True, "Use the KV cache.")
   flags.DEFINE_string("executable_cache", compile_cache.DEFAULT_DIR, compile_cache.FLAG_HELP)
   flags.mark_flag_as_required("workdir")
+  flags.register_validator("max_new_tokens", lambda v: v >= 1, "--max_new_tokens must be >= 1")
+  flags.register_validator("temperature", lambda v: v >= 0, "--temperature must be >= 0 (0 = greedy)")
+  flags.register_validator("top_k", lambda v: v >= 0, "--top_k must be >= 0 (0 = all)")
+  flags.register_validator("top_p", lambda v: 0 < v <= 1, "--top_p must be in (0, 1] (1 = off)")
+  flags.register_validator("num_samples", lambda v: v >= 1, "--num_samples must be >= 1")
 
 
 def load(workdir: str | Path, step: str = "latest"):
@@ -156,6 +161,8 @@ def load(workdir: str | Path, step: str = "latest"):
   from research.data import lm
 
   workdir = Path(workdir)
+  if not (workdir / "model_config.json").is_file():
+    raise FileNotFoundError(f"{workdir / 'model_config.json'}: not a training workdir (no model_config.json)")
   arch = json.loads((workdir / "model_config.json").read_text())
   if arch.get("arch") != "gpt":
     raise ValueError(f"{workdir}: arch={arch.get('arch')!r}; generation needs a causal LM (arch 'gpt')")
@@ -180,6 +187,8 @@ def main(argv):
   compile_cache.enable(f.executable_cache)
   model, params, tok, at = load(f.workdir, f.step)
   prompt = np.asarray([tok.encode(f.prompt)] * f.num_samples, np.int32)
+  if prompt.shape[1] == 0:
+    raise app.UsageError(f"--prompt={f.prompt!r} encodes to no tokens: give at least one (the default is a newline)")
   print(f"# {f.workdir} step {at}; prompt {prompt.shape[1]} tokens", file=sys.stderr)
   toks = generate_long(
     params,

@@ -50,6 +50,13 @@ SUBMISSION_NAMES = {
 }
 
 
+# What a pretraining run is used for instead of predictions on a GLUE split.
+_LM_USES = {
+  "lm": "sample from it with python -m research.generate --workdir ...",
+  "mlm": "export it with --export_mlm DIR, then fine-tune that folder (config.model.init_from)",
+}
+
+
 class Predictor:
   """A trained run's model, tokenizer and parameters, ready to score texts."""
 
@@ -59,6 +66,8 @@ class Predictor:
     if not cfg_path.is_file():
       raise FileNotFoundError(f"{cfg_path}: not a training workdir (no config.json)")
     self.config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    if self.config.task in _LM_USES:
+      raise ValueError(f"{self.workdir} is a {self.config.task!r} pretraining run: {_LM_USES[self.config.task]}")
     self.task = tasks.get_task(self.config.task)
     self.tokenizer = load_tokenizer(self.config.model)
     ckpt_dir = self.workdir / "checkpoints"

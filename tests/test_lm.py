@@ -3,12 +3,15 @@ the packed corpus pipeline, and a pretraining run that resumes exactly."""
 
 import json
 import logging
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import REPO
 
 from configs import common, pretrain_lm
 from research import generate, train
@@ -161,6 +164,27 @@ def test_pretraining_learns_resumes_exactly_and_samples(tmp_path):
     top_k=5,
   )
   assert step == 12 and len(tok.decode(out[0].tolist())) == 40
+  # Misuses of the run get errors that say what to do instead.
+  from research import predict
+
+  with pytest.raises(ValueError, match=r"is a 'lm' pretraining run: sample from it with python -m research.generate"):
+    predict.Predictor(tmp_path / "straight")
+  with pytest.raises(FileNotFoundError, match=r"not a training workdir"):
+    generate.load(tmp_path / "no_run")
+  for args, message in (
+    (["--prompt="], "--prompt='' encodes to no tokens"),
+    (["--top_p=1.5"], "--top_p must be in (0, 1]"),
+  ):
+    cmd = [
+      sys.executable,
+      "-m",
+      "research.generate",
+      f"--workdir={tmp_path / 'straight'}",
+      "--executable_cache=",
+      *args,
+    ]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
 
 
 def test_trained_tokenizers_load_in_transformers(tmp_path):
