@@ -151,14 +151,29 @@ def restore_on_host(directory: str | Path, step: int | None = None) -> tuple[int
     item_handlers={"state": ocp.StandardCheckpointHandler()},
     options=ocp.CheckpointManagerOptions(read_only=True),
   )
-  step = mngr.latest_step() if step is None else step
-  if step is None:
+  saved = mngr.all_steps()
+  if not saved:
     raise FileNotFoundError(f"{directory}: no checkpoint")
+  step = mngr.latest_step() if step is None else step
+  if step not in saved:
+    raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; saved steps: {sorted(saved)}")
   one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   meta = mngr.item_metadata(step).state
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), meta)
   state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
   return step, state, mngr.metrics(step) or {}
+
+
+def choose_step(directory: str | Path, step: str, metric: str, mode: str = "max") -> int | None:
+  """A `--step` argument: "best" (by the saved `metric`, else the latest), "latest" (None), or
+  a step number."""
+  if step == "best":
+    return best_or_latest(directory, metric, mode)
+  if step == "latest":
+    return None
+  if not step.isdigit():
+    raise ValueError(f"step {step!r}: expected best, latest or a step number")
+  return int(step)
 
 
 def best_or_latest(directory: str | Path, metric: str, mode: str = "max") -> int | None:

@@ -169,9 +169,7 @@ def load(workdir: str | Path, step: str = "latest"):
   from research.models.gpt import GPTConfig
 
   model = GPT(GPTConfig.from_dict(arch))
-  chosen = None if step in ("latest", "best") else int(step)
-  if step == "best":
-    chosen = checkpoint.best_or_latest(workdir / "checkpoints", "loss", mode="min")
+  chosen = checkpoint.choose_step(workdir / "checkpoints", step, "loss", mode="min")
   at, state, _ = checkpoint.restore_on_host(workdir / "checkpoints", chosen)
   return model, optim.ema_params(state["params"], state["opt_state"]), lm.load_tokenizer(workdir), at
 

@@ -72,11 +72,7 @@ class Predictor:
     self.tokenizer = load_tokenizer(self.config.model)
     ckpt_dir = self.workdir / "checkpoints"
     metric = self.config.best_metric or self.task.metrics[0]
-    if step == "best":
-      chosen = checkpoint.best_or_latest(ckpt_dir, metric)
-    else:
-      chosen = None if step == "latest" else int(step)
-    self.step, state, _ = checkpoint.restore_on_host(ckpt_dir, chosen)
+    self.step, state, _ = checkpoint.restore_on_host(ckpt_dir, checkpoint.choose_step(ckpt_dir, step, metric))
     self.params = optim.ema_params(state["params"], state["opt_state"])  # the evaluated weights
     # The architecture the run trained (written by train.py), so no pretrained folder is needed.
     arch_path = self.workdir / "model_config.json"
@@ -244,9 +240,7 @@ def export_mlm(workdir: str | Path, out: str | Path, step: str = "best") -> Path
   if arch.get("arch") != "bert_mlm":
     raise ValueError(f"{workdir}: arch={arch.get('arch')!r}; --export_mlm needs a masked-LM run (arch 'bert_mlm')")
   ckpt_dir = workdir / "checkpoints"
-  chosen = checkpoint.best_or_latest(ckpt_dir, "loss", mode="min") if step == "best" else None
-  chosen = int(step) if step not in ("best", "latest") else chosen
-  _, state, _ = checkpoint.restore_on_host(ckpt_dir, chosen)
+  _, state, _ = checkpoint.restore_on_host(ckpt_dir, checkpoint.choose_step(ckpt_dir, step, "loss", mode="min"))
   params = optim.ema_params(state["params"], state["opt_state"])
   return convert.save_hf_mlm_folder(out, params, BertConfig.from_dict(arch), lm.load_tokenizer(workdir))
 

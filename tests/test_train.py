@@ -458,3 +458,10 @@ def test_a_save_between_evals_keeps_latest_and_best_and_logs_no_orbax_warning(tm
   assert sorted(ckpt.manager.all_steps()) == [1, 3]
   ckpt.close()
   assert not [r for r in caplog.records if "metrics" in r.getMessage()]
+  # --step arguments (predict, generate, export): best, latest, a saved step, else a clear error
+  d = tmp_path / "ckpt"
+  assert [checkpoint.choose_step(d, s, "accuracy") for s in ("best", "latest", "3")] == [1, None, 3]
+  with pytest.raises(ValueError, match=r"step 'abc': expected best, latest or a step number"):
+    checkpoint.choose_step(d, "abc", "accuracy")
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 2; saved steps: \[1, 3\]"):
+    checkpoint.restore_on_host(d, 2)
