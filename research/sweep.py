@@ -51,6 +51,14 @@ def load_sweep(config_arg: str) -> tuple[list[dict], str]:
         if part not in node:
           raise KeyError(f"{path}: sweep()[{i}] overrides unknown config key {key!r}")
         node = node[part]
+  seen = {}
+  for i, s in enumerate(settings):  # each setting runs in WORKDIR/<its name>: two must not share one
+    name = setting_name(s)
+    if name in seen:
+      raise ValueError(
+        f'{path}: sweep()[{seen[name]}] and sweep()[{i}] both run in {name!r}; give one of them a "_name"'
+      )
+    seen[name] = i
   return settings, (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
 
 

@@ -71,6 +71,10 @@ def test_sweep_typo_is_named(tmp_path):
   os.environ.setdefault("SWEEP_TEST_GLUE", "/nonexistent")
   with pytest.raises(KeyError, match=r"sweep\(\)\[1\] overrides unknown config key 'optimizer.nmae'"):
     sweep.load_sweep(str(cfg))
+  # two settings that would run in one folder (the second would resume the first's checkpoint)
+  cfg.write_text(CONFIG.replace('{"_name": "sgd", ', '{"_name": "lr=0.001", '))
+  with pytest.raises(ValueError, match=r"sweep\(\)\[0\] and sweep\(\)\[1\] both run in 'lr=0.001'"):
+    sweep.load_sweep(str(cfg))
 
 
 def test_per_setting_config_arg_and_mixed_metrics(tmp_path):
