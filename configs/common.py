@@ -51,10 +51,18 @@ def parse_arg(arg: str | None, **defaults):
       raise ValueError(f"unknown config argument {key!r} (valid: {', '.join(defaults)}){hint}")
     kind = type(defaults[key])
     if kind is bool:
-      out[key] = value.lower() in ("", "1", "true", "yes")
+      if value.lower() not in _TRUE + _FALSE:
+        raise ValueError(f"config argument {item!r}: {key} is a switch; write {key} or {key}=false")
+      out[key] = value.lower() in _TRUE
     else:
-      out[key] = kind(value)
+      try:
+        out[key] = kind(value)
+      except ValueError:
+        raise ValueError(f"config argument {item!r}: {key} takes a {kind.__name__}") from None
   return out
+
+
+_TRUE, _FALSE = ("", "1", "true", "yes"), ("0", "false", "no")
 
 
 def model_config(name: str) -> ml_collections.ConfigDict:

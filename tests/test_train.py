@@ -190,6 +190,11 @@ def test_config_typo_names_the_nearest_key():
     c.optimizer.lrr = 1e-3
   with pytest.raises(ValueError, match=r"unknown config argument 'taks'.*did you mean 'task'"):
     glue_cfg.get_config("taks=sst2")
+  with pytest.raises(ValueError, match=r"config argument 'smoke=maybe': smoke is a switch"):
+    glue_cfg.get_config("task=sst2,smoke=maybe")  # was read as smoke=False
+  assert (
+    glue_cfg.get_config("task=sst2,smoke=false").num_train_steps == glue_cfg.get_config("task=sst2").num_train_steps
+  )
 
 
 def test_command_line_override_and_typo(tmp_path):
