@@ -276,6 +276,8 @@ def make_optimizer(
   if c.name not in OPTIMIZERS:
     raise KeyError(f"config.optimizer.name={c.name!r}: expected one of {', '.join(OPTIMIZERS)}")
   schedule = make_schedule(c, total_steps)
+  if c.clip_norm < 0:
+    raise ValueError(f"config.optimizer.clip_norm={c.clip_norm}: must be >= 0 (0 = no clipping)")
   decay = c.get("layer_decay", 1.0)
   if not 0.0 < decay <= 1.0:
     raise ValueError(f"config.optimizer.layer_decay={decay}: expected 0 < decay <= 1")

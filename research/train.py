@@ -133,6 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   dropout_rng = jax.random.key_data(jax.random.key(config.seed + 1, impl=config.rng_impl))
   model, params, arch = build_model(config.model, data.num_outputs, data.vocab_size, init_rng, config.finetune, mesh)
   check_same_model(workdir, arch)  # before anything in the workdir is written
+  _check_length_fits(config, arch, lm_task)
   if config.loss == "distill":
     data.train_enc.extras["teacher_logits"] = teacher_logits(config, data.train_ex, task)
 
@@ -347,12 +348,23 @@ def _check_run_fields(config: ml_collections.ConfigDict) -> None:
   for key in ("batch_size", "eval_batch_size", "log_every_steps"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]}: must be > 0")
+  if config.optimizer.grad_accum < 1:
+    raise ValueError(f"config.optimizer.grad_accum={config.optimizer.grad_accum}: must be >= 1")
   if config.num_train_steps < 0:
     raise ValueError(f"config.num_train_steps={config.num_train_steps}: must be >= 0 (0 = config.num_epochs)")
   if not config.num_train_steps and not config.num_epochs > 0:
     raise ValueError(
       f"config.num_train_steps=0 and config.num_epochs={config.num_epochs}: set one of them to the run's length"
     )
+
+
+def _check_length_fits(config: ml_collections.ConfigDict, arch: dict, lm_task: bool) -> None:
+  """The longest sequence the data can give must have a position in the model: found at the
+  first batch that long otherwise, which may be hours into the run."""
+  key = "seq_len" if lm_task else "max_length"
+  limit_key = "block_size" if "block_size" in arch else "max_position_embeddings"
+  if limit_key in arch and config.data[key] > arch[limit_key]:
+    raise ValueError(f"config.data.{key}={config.data[key]} is longer than the model's {limit_key}={arch[limit_key]}")
 
 
 def _accumulate(sums: dict, m: dict) -> None:

@@ -239,11 +239,17 @@ def test_batch_size_must_split_over_devices(small_glue, tmp_path):
     ({"optimizer.lr": -1.0}, r"config.optimizer.lr=-1.0: must be >= 0"),
     ({"optimizer.warmup_ratio": 1.5}, r"warmup_ratio=1.5: expected warmup_steps >= 0 and 0 <= warmup_ratio < 1"),
     ({"optimizer.end_lr_ratio": -0.1}, r"config.optimizer.end_lr_ratio=-0.1"),
+    ({"optimizer.clip_norm": -1.0}, r"config.optimizer.clip_norm=-1.0: must be >= 0"),
+    ({"optimizer.grad_accum": 0}, r"config.optimizer.grad_accum=0: must be >= 1"),
+    ({"finetune.strategy": "lora", "finetune.lora_rank": -2}, r"config.finetune.lora_rank=-2: must be > 0"),
+    ({"data.max_length": 4096}, r"config.data.max_length=4096 is longer than the model's max_position_embeddings"),
   ],
 )
 def test_bad_run_fields_are_refused_by_name(small_glue, tmp_path, overrides, message):
-  """Each of these used to run: a zero batch failed deep in the data code, a negative lr or
-  step count trained backwards or not at all and reported success."""
+  """Each of these used to run, or fail deep inside: a zero batch or grad_accum in the data or
+  step code, a negative lr, step count or clip norm trained backwards or not at all and reported
+  success, a negative LoRA rank failed in Flax's init, a max_length past the position table at
+  the first batch that long."""
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(tiny_config(small_glue, **overrides), tmp_path)
   assert not (tmp_path / "checkpoints").exists()
