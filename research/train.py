@@ -15,6 +15,7 @@ import signal
 import time
 from pathlib import Path
 
+import flax
 import jax
 import ml_collections
 import numpy as np
@@ -172,6 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     train_iter.set_state(data_state)
     early_stop = data_state.get("early_stop", {})
     log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
+    if changes := _config_changes(workdir / "config.json", config_dict):
+      log.warning("resuming with a config that differs from the run's config.json: %s", "; ".join(changes))
   elif config.resume:
     other = checkpoint.Checkpointer(config.resume, best_metric=best_metric, best_mode=mode, read_only=True)
     if other.latest_step() is None:
@@ -356,6 +359,17 @@ def _check_run_fields(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f"config.num_train_steps=0 and config.num_epochs={config.num_epochs}: set one of them to the run's length"
     )
+
+
+def _config_changes(saved: Path, now: dict) -> list[str]:
+  """ "key: old -> new" for each field that differs from the run's saved config (a resume may
+  mean it, as a longer num_train_steps, but a new batch size, say, moves the data position)."""
+  if not saved.is_file():
+    return []
+  old = flax.traverse_util.flatten_dict(json.loads(saved.read_text()), sep=".")
+  new = flax.traverse_util.flatten_dict(now, sep=".")
+  keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "progress")
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
 
 
 def _check_length_fits(config: ml_collections.ConfigDict, arch: dict, lm_task: bool) -> None:

@@ -476,3 +476,11 @@ def test_a_save_between_evals_keeps_latest_and_best_and_logs_no_orbax_warning(tm
     checkpoint.choose_step(d, "abc", "accuracy")
   with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 2; saved steps: \[1, 3\]"):
     checkpoint.restore_on_host(d, 2)
+
+
+def test_a_resume_with_a_changed_config_lists_the_changes(tmp_path):
+  saved = tmp_path / "config.json"
+  saved.write_text(json.dumps({"batch_size": 32, "progress": True, "optimizer": {"lr": 1e-3, "b1": 0.9}}))
+  now = {"batch_size": 16, "progress": False, "optimizer": {"lr": 1e-3, "b1": 0.95}, "new": 1}
+  assert train._config_changes(saved, now) == ["batch_size: 32 -> 16", "new: None -> 1", "optimizer.b1: 0.9 -> 0.95"]
+  assert train._config_changes(tmp_path / "none.json", now) == []
