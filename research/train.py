@@ -173,8 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     train_iter.set_state(data_state)
     early_stop = data_state.get("early_stop", {})
     log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
-    if changes := _config_changes(workdir / "config.json", config_dict):
-      log.warning("resuming with a config that differs from the run's config.json: %s", "; ".join(changes))
+    _warn_config_changes(workdir / "config.json", config_dict)
   elif config.resume:
     other = checkpoint.Checkpointer(config.resume, best_metric=best_metric, best_mode=mode, read_only=True)
     if other.latest_step() is None:
@@ -370,6 +369,11 @@ def _config_changes(saved: Path, now: dict) -> list[str]:
   new = flax.traverse_util.flatten_dict(now, sep=".")
   keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "progress")
   return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
+
+
+def _warn_config_changes(saved: Path, now: dict) -> None:
+  if changes := _config_changes(saved, now):
+    log.warning("resuming with a config that differs from the run's config.json: %s", "; ".join(changes))
 
 
 def _check_length_fits(config: ml_collections.ConfigDict, arch: dict, lm_task: bool) -> None:

@@ -121,8 +121,8 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
   base, encoder, heads, _ = convert.load_hf_folder(mc.init_from) if mc.init_from else (None, None, None, None)
   lora = {}
   if ft is not None and ft.strategy == "lora":
-    if ft.lora_rank < 0:
-      raise ValueError(f"config.finetune.lora_rank={ft.lora_rank}: must be > 0")
+    if ft.lora_rank <= 0:
+      raise ValueError(f"config.finetune.lora_rank={ft.lora_rank}: must be > 0 with strategy 'lora'")
     lora = {"lora_rank": ft.lora_rank, "lora_alpha": ft.lora_alpha, "lora_targets": tuple(ft.lora_targets)}
   cfg = _bert_config(mc, vocab_size, base, **lora)
   model = BertClassifier(
