@@ -173,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     train_iter.set_state(data_state)
     early_stop = data_state.get("early_stop", {})
     log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
-    _warn_config_changes(workdir / "config.json", config_dict)
+    _warn_config_changes(workdir / "config.json", config_dict)  # before config.json is rewritten below
   elif config.resume:
     other = checkpoint.Checkpointer(config.resume, best_metric=best_metric, best_mode=mode, read_only=True)
     if other.latest_step() is None:
@@ -185,8 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   # Written once the workdir's checkpoints are known to fit this run: config.json records the
   # run; model_config.json is what predict.py / generate.py rebuild the model from.
   if is_main:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    (workdir / "model_config.json").write_text(json.dumps(arch, indent=2))
+    writers.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
+    writers.write_atomic(workdir / "model_config.json", json.dumps(arch, indent=2))
 
   # --- Compiled steps ------------------------------------------------------------------------
   loss_kwargs = config.loss_kwargs.to_dict()
@@ -335,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       "best %s %s=%.4f at step %d", config.eval_split, best_metric, best_metrics.get(best_metric, float("nan")), best
     )
   if is_main:  # a finished run's record; sweep.py skips runs that have one
-    (workdir / "summary.json").write_text(json.dumps(result, indent=2))
+    writers.write_atomic(workdir / "summary.json", json.dumps(result, indent=2))
   return result
 
 
@@ -372,7 +372,8 @@ def _config_changes(saved: Path, now: dict) -> list[str]:
 
 
 def _warn_config_changes(saved: Path, now: dict) -> None:
-  if changes := _config_changes(saved, now):
+  """On the process that writes config.json (the others could read it mid-rewrite)."""
+  if jax.process_index() == 0 and (changes := _config_changes(saved, now)):
     log.warning("resuming with a config that differs from the run's config.json: %s", "; ".join(changes))
 
 

@@ -6,11 +6,21 @@ Only process 0 writes; on other processes every method is a no-op.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import jax
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+  """`text` into `path` through a temporary file and a rename, so that a reader (the run's other
+  processes, predict.py, a rerun) never sees the file half-written."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_text(text, encoding="utf-8")
+  os.replace(tmp, path)
 
 
 class MetricWriter:
@@ -23,7 +33,7 @@ class MetricWriter:
     path = Path(workdir) / "metrics.jsonl"
     if path.exists():  # a resumed run re-does the steps after its checkpoint: drop their old records
       kept = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
-      path.write_text("".join(r + "\n" for r in kept))
+      write_atomic(path, "".join(r + "\n" for r in kept))
     self.jsonl = open(path, "a", buffering=1)  # noqa: SIM115  (closed in close())
     self.tb = Writer(str(Path(workdir) / "tensorboard"))
 

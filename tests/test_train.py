@@ -37,6 +37,7 @@ def test_tiny_end_to_end(small_glue, tmp_path):
   assert all(np.isfinite(r["param_norm"]) and r["update_norm"] > 0 for r in train_records)
   assert all(r["examples_per_sec"] > 0 for r in train_records)
   assert json.loads((wd / "config.json").read_text())["task"] == "sst2"
+  assert not list(wd.glob(".*.tmp"))  # config.json, model_config.json, summary.json: written by rename
   assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
   # The latest step and the best-by-accuracy step are both kept, nothing else.
   kept = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())

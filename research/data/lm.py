@@ -47,8 +47,10 @@ class CharTokenizer:
     return "".join(self.chars[i] for i in ids)
 
   def save(self, folder: str | Path) -> None:
+    from research.writers import write_atomic
+
     Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / self.FILE).write_text(json.dumps({"chars": self.chars}))
+    write_atomic(Path(folder) / self.FILE, json.dumps({"chars": self.chars}))
 
   @classmethod
   def load(cls, folder: str | Path) -> CharTokenizer:
