@@ -65,8 +65,12 @@ def _launch(workdir, glue, nproc, steps, wait=True):
 def _finish(procs, logs, timeout=600):
   for p in procs:
     p.wait(timeout=timeout)
-  for p, (_, err) in zip(procs, logs):
-    assert p.returncode == 0, err.read_text()[-4000:]
+  # Every failed process's log: the first to fail is often not process 0 (which then times out
+  # waiting for it in a collective).
+  failed = [
+    f"process {i}:\n{err.read_text()[-3000:]}" for i, (p, (_, err)) in enumerate(zip(procs, logs)) if p.returncode
+  ]
+  assert not failed, "\n\n".join(failed)
   return [out.read_text() for out, _ in logs]
 
 
