@@ -13,6 +13,7 @@ decoders. The folder (`tokenizer.json`, plus `vocab.txt` for WordPiece) loads wi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -22,6 +23,8 @@ EOT = "<|endoftext|>"
 
 
 def _iter_texts(files: list[str]):
+  """The non-blank lines of `files`; an error names a missing file, and a corpus with no text."""
+  seen = False
   for f in files:
     path = Path(f)
     if not path.is_file():
@@ -29,7 +32,10 @@ def _iter_texts(files: list[str]):
     with path.open(encoding="utf-8") as fh:
       for line in fh:
         if line.strip():
+          seen = True
           yield line
+  if not seen:
+    raise ValueError(f"--files={','.join(files)}: no text to train on (every line is blank)")
 
 
 def train_wordpiece(files: list[str], vocab_size: int, out: str | Path, lowercase: bool = True):
@@ -78,6 +84,9 @@ def _define_flags() -> None:
   flags.DEFINE_string("out", None, "Output folder.")
   flags.DEFINE_bool("lowercase", True, "WordPiece: lower-case and strip accents (uncased BERT).")
   flags.mark_flags_as_required(["files", "out"])
+  flags.register_validator(
+    "vocab_size", lambda v: v > len(BERT_SPECIALS), "--vocab_size must exceed the special tokens"
+  )
 
 
 def main(argv):
@@ -88,6 +97,8 @@ def main(argv):
   else:
     tok = train_bpe(f.files, f.vocab_size, f.out)
   print(f"{f.kind}: {len(tok)} tokens -> {f.out}")
+  if len(tok) < f.vocab_size:
+    print(f"note: {len(tok)} tokens, fewer than --vocab_size={f.vocab_size}: the corpus holds no more", file=sys.stderr)
 
 
 if __name__ == "__main__":

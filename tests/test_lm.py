@@ -205,6 +205,11 @@ def test_trained_tokenizers_load_in_transformers(tmp_path):
   bpe = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "bpe"))
   assert bpe.decode(bpe("The quick brown fox")["input_ids"]) == "The quick brown fox"
   assert bpe.eos_token == tokenizer.EOT
+  blank = tmp_path / "blank.txt"
+  blank.write_text("\n  \n")
+  with pytest.raises(ValueError, match=r"blank.txt: no text to train on"):  # was a vocabulary of the 5 specials
+    tokenizer.train_wordpiece([str(blank)], 200, tmp_path / "none")
+  assert not (tmp_path / "none").exists()
 
 
 def test_mlm_export_loads_in_pytorch_with_same_logits(tmp_path):
