@@ -55,7 +55,8 @@ def teacher_logits(config, train_ex, task) -> np.ndarray:
 
 
 class _Preemption:
-  """SIGTERM (TPU VM maintenance, Slurm) -> save at the next step boundary, then exit.
+  """SIGTERM (TPU VM maintenance, Slurm) or a first Ctrl-C -> save at the next step boundary,
+  then exit; a second Ctrl-C stops at once (KeyboardInterrupt), keeping the last checkpoint.
 
   With several processes the signal reaches each at a slightly different step, but all of them
   must save the same step (the save is collective). So every `every` steps they all-gather
@@ -63,14 +64,20 @@ class _Preemption:
   """
 
   def __init__(self, every: int = 5):
-    self.requested, self.every = False, every
+    self.requested, self.every, self.reason = False, every, "preempted"
     try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
+      self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread (e.g. some notebook runners)
-      self._old = None
+      self._old = {}
 
-  def _handle(self, *_):
-    log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
+  def _handle(self, signum, _frame):
+    if signum == signal.SIGINT:
+      if self.requested:
+        raise KeyboardInterrupt
+      self.reason = "interrupted"
+      log.warning("Ctrl-C: saving a checkpoint at the next step boundary, then exiting (Ctrl-C again: stop now)")
+    else:
+      log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
     self.requested = True
 
   def stop_at(self, step: int) -> bool:
@@ -84,8 +91,8 @@ class _Preemption:
     return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
   def restore(self):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for s, old in self._old.items():
+      signal.signal(s, old)
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         save(step)
       if stop_now:
         ckpt.wait()
-        log.warning("preempted: saved step %d; rerun the same command to resume", step)
+        log.warning("%s: saved step %d; rerun the same command to resume", preempt.reason, step)
         return {"step": step, "preempted": True}
     if pending is not None:
       host_metrics(pending)

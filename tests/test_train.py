@@ -100,7 +100,7 @@ _CHILD = textwrap.dedent("""
     def write(self, step, split, metrics):
       original(self, step, split, metrics)
       if split == "train" and step == kill_at:
-        os.kill(os.getpid(), sig)  # SIGKILL: a crash; SIGTERM: a preemption notice
+        os.kill(os.getpid(), sig)  # SIGKILL: a crash; SIGTERM: a preemption notice; SIGINT: Ctrl-C
     writers.MetricWriter.write = write
     config = tiny_config(Path(sys.argv[3]), num_train_steps=12, eval_every_steps=6, checkpoint_every_steps=3,
                          log_every_steps=1, **TWO_BUCKETS)
@@ -150,11 +150,13 @@ def test_sigkill_then_rerun_gives_identical_parameters(module_glue, straight_run
   assert steps == list(range(1, 13))
 
 
-def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(module_glue, straight_run, tmp_path):
+@pytest.mark.parametrize("sig, said", [("SIGTERM", "preempted"), ("SIGINT", "interrupted")])
+def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(module_glue, straight_run, tmp_path, sig, said):
+  """A preemption notice, or a first Ctrl-C, saves the step it arrived in and exits cleanly."""
   small_glue = module_glue
-  stopped = _child(tmp_path / "pre", small_glue, kill_at=7, sig="SIGTERM")
+  stopped = _child(tmp_path / "pre", small_glue, kill_at=7, sig=sig)
   assert stopped.returncode == 0, stopped.stderr[-3000:]  # a clean exit, not a crash
-  assert "preempted: saved step 7" in stopped.stderr
+  assert f"{said}: saved step 7" in stopped.stderr
   assert _final_params(tmp_path / "pre")[0] == 7
   resumed = _child(tmp_path / "pre", small_glue)
   assert resumed.returncode == 0 and "resumed from" in resumed.stderr
@@ -485,3 +487,18 @@ def test_a_resume_with_a_changed_config_lists_the_changes(tmp_path):
   now = {"batch_size": 16, "progress": False, "optimizer": {"lr": 1e-3, "b1": 0.95}, "new": 1}
   assert train._config_changes(saved, now) == ["batch_size: 32 -> 16", "new: None -> 1", "optimizer.b1: 0.9 -> 0.95"]
   assert train._config_changes(tmp_path / "none.json", now) == []
+
+
+def test_a_second_ctrl_c_stops_without_waiting_for_the_save():
+  import signal
+
+  before = signal.getsignal(signal.SIGINT)
+  p = train._Preemption()
+  try:
+    p._handle(signal.SIGINT, None)
+    assert p.requested and p.reason == "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+      p._handle(signal.SIGINT, None)
+  finally:
+    p.restore()
+  assert signal.getsignal(signal.SIGINT) is before
