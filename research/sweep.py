@@ -246,6 +246,22 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _run(cmd: list[str], run_dir: Path) -> int:
+  """One run, its output appended to stdout.log. On Ctrl-C (which the run receives too, and
+  answers by saving at its next step boundary) wait for it rather than kill it mid-save."""
+  with open(run_dir / "stdout.log", "a") as log:
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+    try:
+      return proc.wait()
+    except KeyboardInterrupt:
+      print("Ctrl-C: waiting for the run to save its checkpoint (Ctrl-C again: kill it)", file=sys.stderr)
+      try:
+        proc.wait()
+      except KeyboardInterrupt:
+        proc.kill()
+      raise SystemExit(f"interrupted; rerun the sweep to resume ({run_dir})") from None
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
@@ -271,12 +287,11 @@ def main(argv):
       run_dir.mkdir(parents=True, exist_ok=True)
       t0 = time.perf_counter()
       print(f"[{i}/{len(pending)}] {setting_name(s)} seed {seed}", file=sys.stderr, flush=True)
-      with open(run_dir / "stdout.log", "a") as log:
-        rc = subprocess.call(
-          command(config_arg, run_dir, s, seed), stdout=log, stderr=subprocess.STDOUT, env=os.environ
-        )
+      rc = _run(command(config_arg, run_dir, s, seed), run_dir)
       if rc != 0:
         raise SystemExit(f"run failed (exit {rc}); see {run_dir / 'stdout.log'}; rerun the sweep to resume")
+      if not (run_dir / "summary.json").exists():  # it saved and exited early: SIGTERM or Ctrl-C
+        raise SystemExit(f"run stopped before its end ({run_dir / 'stdout.log'}); rerun the sweep to resume")
       print(f"  done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
   rows = collect(root, settings, seeds)
   if not rows:
