@@ -173,12 +173,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   ckpt = checkpoint.Checkpointer(
     workdir / "checkpoints", best_metric=best_metric, best_mode=mode, keep_every=config.keep_every_steps
   )
-  early_stop = {}
+  early_stop, seconds_before = {}, 0.0  # what the run's earlier processes spent training, on a resume
   config_dict = json.loads(config.to_json_best_effort())
   if ckpt.latest_step() is not None:
     state, data_state = ckpt.restore(ckpt.latest_step(), checkpoint.abstract(state))
     train_iter.set_state(data_state)
     early_stop = data_state.get("early_stop", {})
+    seconds_before = data_state.get("train_seconds", 0.0)
     log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
     _warn_config_changes(workdir / "config.json", config_dict)  # before config.json is rewritten below
   elif config.resume:
@@ -257,7 +258,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     return m
 
   def save(at: int, eval_metrics: dict | None = None):
-    extra = {"early_stop": {"best": best_value, "stale": stale}}
+    extra = {
+      "early_stop": {"best": best_value, "stale": stale},
+      "train_seconds": seconds_before + time.perf_counter() - t_start,
+    }
     ckpt.save(at, strategy.get_state(state), data_state | extra, config_dict, metrics=eval_metrics)
 
   # Early stopping: the best dev value and evals since, saved with the data position so every
@@ -330,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     "step": step,
     "final": dev_metrics,
     "best_step": best,
-    "train_seconds": time.perf_counter() - t_start,
+    "train_seconds": seconds_before + time.perf_counter() - t_start,  # + earlier processes (to their last save)
     "examples_per_step": ex_per_step,
     "stopped_early": stopped_early,
     **param_counts,

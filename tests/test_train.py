@@ -158,8 +158,12 @@ def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(module_glue, str
   assert stopped.returncode == 0, stopped.stderr[-3000:]  # a clean exit, not a crash
   assert f"{said}: saved step 7" in stopped.stderr
   assert _final_params(tmp_path / "pre")[0] == 7
+  saved = json.loads((tmp_path / "pre" / "checkpoints" / "7" / "data" / "metadata").read_text())
   resumed = _child(tmp_path / "pre", small_glue)
   assert resumed.returncode == 0 and "resumed from" in resumed.stderr
+  # The run's train time counts the stopped process's too (results tables read it).
+  summary = json.loads((tmp_path / "pre" / "summary.json").read_text())
+  assert 0 < saved["train_seconds"] < summary["train_seconds"]
   s1, p1 = straight_run
   s2, p2 = _final_params(tmp_path / "pre")
   assert s1 == s2 == 12
