@@ -262,6 +262,17 @@ def test_bad_run_fields_are_refused_by_name(small_glue, tmp_path, overrides, mes
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_bad_weights_and_tokenizer_paths_are_named(small_glue, tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(WeightsError, match=r"config.model.init_from: no folder at '/no/such/model'"):
+    train.train_and_evaluate(tiny_config(small_glue, **{"model.init_from": "/no/such/model"}), tmp_path / "a")
+  with pytest.raises(
+    ValueError, match=r"config.model.tokenizer=.*empty': no tokenizer in .*tokenizer.json or vocab.txt"
+  ):
+    train.train_and_evaluate(tiny_config(small_glue, **{"model.tokenizer": str(empty)}), tmp_path / "b")
+
+
 def test_a_warmup_longer_than_the_run_is_warned_about(caplog):
   import logging
 

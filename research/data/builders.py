@@ -29,7 +29,14 @@ def load_tokenizer(mc: ml_collections.ConfigDict):
   name = mc.tokenizer or mc.init_from
   if not name:
     raise ValueError("config.model.tokenizer is required when config.model.init_from is empty")
-  tok = transformers.AutoTokenizer.from_pretrained(str(convert.resolve_pretrained(name)))
+  key = "config.model.tokenizer" if mc.tokenizer else "config.model.init_from"
+  try:
+    folder = convert.resolve_pretrained(name)
+  except convert.WeightsError as e:
+    raise convert.WeightsError(f"{key}: {e}") from None
+  if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
+    raise ValueError(f"{key}={name!r}: no tokenizer in {folder} (tokenizer.json or vocab.txt)")
+  tok = transformers.AutoTokenizer.from_pretrained(str(folder))
   if not tok.is_fast:
     raise ValueError(f"{name}: no fast tokenizer (tokenizer.json); install `tokenizers`")
   return tok

@@ -118,7 +118,7 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
     cfg = {"arch": "bow", "vocab_size": mc.vocab_size or vocab_size, "hidden_size": mc.hidden_size}
     model = BagOfEmbeddings(cfg["vocab_size"], cfg["hidden_size"], num_labels, dtype=jnp.dtype(mc.dtype))
     return model, init(lambda r: model.init(r, ids, ids, ids)), cfg
-  base, encoder, heads, _ = convert.load_hf_folder(mc.init_from) if mc.init_from else (None, None, None, None)
+  base, encoder, heads, _ = _load_pretrained(mc.init_from) if mc.init_from else (None, None, None, None)
   lora = {}
   if ft is not None and ft.strategy == "lora":
     if ft.lora_rank <= 0:
@@ -148,6 +148,13 @@ _FREE_ARCH_FIELDS = {
   "dropout_bits",
   "matmul_dtype",
 }
+
+
+def _load_pretrained(init_from: str):
+  try:
+    return convert.load_hf_folder(init_from)
+  except convert.WeightsError as e:  # the message names the folder or file; say which field led there
+    raise convert.WeightsError(f"config.model.init_from: {e}") from None
 
 
 def check_same_model(workdir: Path, arch: dict) -> None:

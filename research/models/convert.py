@@ -43,6 +43,8 @@ def resolve_pretrained(name_or_path: str) -> Path:
   p = Path(name_or_path).expanduser()
   if p.is_dir():
     return p
+  if name_or_path.startswith(("/", ".", "~")):  # a path, not a hub id ("namespace/name")
+    raise WeightsError(f"no folder at {name_or_path!r}")
   if name_or_path in PACKAGED:
     pkg, sub = PACKAGED[name_or_path]
     spec = importlib.util.find_spec(pkg)
