@@ -102,7 +102,7 @@ def build_model(mc: ml_collections.ConfigDict, num_labels: int, vocab_size: int,
     model = GPT(cfg, dtype=jnp.dtype(mc.dtype))
     return model, init(lambda r: model.init(r, ids)), {"arch": "gpt", **cfg.to_dict()}
   if mc.arch == "bert_mlm":  # masked-LM pretraining: from scratch, or continued from `init_from`
-    loaded = convert.load_hf_for_mlm(mc.init_from) if mc.get("init_from") else None
+    loaded = _load_pretrained(mc.init_from, convert.load_hf_for_mlm) if mc.get("init_from") else None
     cfg = _bert_config(mc, vocab_size, loaded[0] if loaded else None)
     model = BertForMaskedLM(
       cfg, dtype=jnp.dtype(mc.dtype), last_layer_masked_only=mc.get("last_layer_masked_only", True)
@@ -150,9 +150,9 @@ _FREE_ARCH_FIELDS = {
 }
 
 
-def _load_pretrained(init_from: str):
+def _load_pretrained(init_from: str, load=convert.load_hf_folder):
   try:
-    return convert.load_hf_folder(init_from)
+    return load(init_from)
   except convert.WeightsError as e:  # the message names the folder or file; say which field led there
     raise convert.WeightsError(f"config.model.init_from: {e}") from None
 
