@@ -294,6 +294,9 @@ def test_exact_count_masking(tokenizer):
     )
   with pytest.raises(ValueError, match="mask_count='uniform'"):
     lm.MaskedLM(tokenizer, count="uniform")
+  for prob in (0.0, 1.5):  # 0 trained on nothing and reported a loss of 0
+    with pytest.raises(ValueError, match=rf"config.data.mask_prob={prob}: expected 0 < mask_prob < 1"):
+      lm.MaskedLM(tokenizer, prob=prob)
 
 
 def test_mlm_run_exports_and_fine_tunes(tmp_path, small_glue, caplog):

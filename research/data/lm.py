@@ -127,6 +127,8 @@ class MaskedLM:
       raise ValueError("masked LM needs a tokenizer with a [MASK] token (a WordPiece tokenizer)")
     if count not in self.COUNTS:
       raise ValueError(f"config.data.mask_count={count!r}: expected one of {', '.join(self.COUNTS)}")
+    if not 0.0 < prob < 1.0:  # 0 masks nothing: the loss is over no token and reads 0
+      raise ValueError(f"config.data.mask_prob={prob}: expected 0 < mask_prob < 1")
     self.prob, self.whole_word, self.count = prob, whole_word, count
     self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
     self.special = np.zeros(self.vocab_size, bool)
