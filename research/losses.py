@@ -99,6 +99,14 @@ LOSSES: dict[str, LossFn] = {
 }
 
 
+# The head each built-in loss expects, checked against the task before a run starts (a loss
+# registered without an entry here is not checked).
+KINDS = {
+  name: "classification" for name in ("softmax_xent", "label_smoothing", "class_weighted_xent", "focal", "distill")
+}
+KINDS |= {"mse": "regression", "huber": "regression"}
+
+
 def get_loss(name: str) -> LossFn:
   if name not in LOSSES:
     raise KeyError(f"config.loss={name!r} is not a registered loss: {', '.join(LOSSES)}")

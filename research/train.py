@@ -108,6 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   task = None if lm_task else tasks.get_task(config.task)
   loss_fn = losses.get_loss(config.loss or ("softmax_xent" if lm_task else task.default_loss))
   _check_run_fields(config)
+  _check_task_fields(config, task)
 
   # --- Mesh ------------------------------------------------------------------------------
   mesh = parallel.make_mesh(config.num_devices, config.get("fsdp", 1))
@@ -380,6 +381,21 @@ def _config_changes(saved: Path, now: dict) -> list[str]:
   new = flax.traverse_util.flatten_dict(now, sep=".")
   keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "progress")
   return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
+
+
+LM_METRICS = ("loss", "perplexity", "accuracy")  # what a language model's eval reports
+
+
+def _check_task_fields(config: ml_collections.ConfigDict, task: tasks.Task | None) -> None:
+  """The loss fits the task's head, and best_metric is one the eval reports (else the run would
+  fail at its first eval)."""
+  reported = LM_METRICS if task is None else (*task.metrics, "loss")
+  if config.best_metric and config.best_metric not in reported:
+    raise ValueError(f"config.best_metric={config.best_metric!r}: the eval reports {', '.join(reported)}")
+  if task is not None and config.loss:
+    kind, want = losses.KINDS.get(config.loss), "regression" if task.is_regression else "classification"
+    if kind and kind != want:
+      raise ValueError(f"config.loss={config.loss!r} is a {kind} loss; {task.name} is a {want} task")
 
 
 def _warn_config_changes(saved: Path, now: dict) -> None:

@@ -250,6 +250,11 @@ def test_batch_size_must_split_over_devices(small_glue, tmp_path):
     ({"optimizer.grad_accum": 0}, r"config.optimizer.grad_accum=0: must be >= 1"),
     ({"finetune.strategy": "lora", "finetune.lora_rank": -2}, r"config.finetune.lora_rank=-2: must be > 0"),
     ({"data.max_length": 4096}, r"config.data.max_length=4096 is longer than the model's max_position_embeddings"),
+    (
+      {"best_metric": "f1"},
+      r"config.best_metric='f1': the eval reports accuracy, loss",
+    ),  # was a KeyError at the first eval
+    ({"loss": "mse"}, r"config.loss='mse' is a regression loss; sst2 is a classification task"),
   ],
 )
 def test_bad_run_fields_are_refused_by_name(small_glue, tmp_path, overrides, message):
