@@ -22,6 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -144,16 +145,26 @@ def combined_logits(runs: list[Predictor], examples: sources.Examples, how: str 
     raise ValueError(f"--combine={how!r}: expected one of {', '.join(COMBINE)}")
   first = runs[0]
   for r in runs[1:]:
-    same_tree = jax.tree.structure(r.params) == jax.tree.structure(first.params) and all(
-      a.shape == b.shape for a, b in zip(jax.tree.leaves(r.params), jax.tree.leaves(first.params))
-    )
-    if not same_tree or r.pooling != first.pooling:
+    if diff := _soup_difference(first, r):
       raise ValueError(
         f"--combine=soup averages weights, so every run needs one architecture and head: {r.workdir} "
-        f"(pooling {r.pooling}) differs from {first.workdir} (pooling {first.pooling}); use --combine=ensemble"
+        f"differs from {first.workdir} ({diff}); use --combine=ensemble"
       )
   soup = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *[r.params for r in runs])
   return first.logits(examples, params=soup)
+
+
+def _soup_difference(a: Predictor, b: Predictor) -> str:
+  """What keeps two runs' weights from being averaged ("" if nothing): the pooling, or the first
+  parameter one lacks or has in another shape."""
+  if a.pooling != b.pooling:
+    return f"pooling {b.pooling} against {a.pooling}"
+  fa, fb = (flax.traverse_util.flatten_dict(r.params, sep="/") for r in (a, b))
+  for path in sorted(fa.keys() | fb.keys()):
+    shape_a, shape_b = (f[path].shape if path in f else "none" for f in (fa, fb))
+    if shape_a != shape_b:
+      return f"parameter {path}: {shape_b} against {shape_a}"
+  return ""
 
 
 def predict_split(p: Predictor | list[Predictor], split: str, out_dir: Path, combine: str = "ensemble") -> dict:

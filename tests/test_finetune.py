@@ -172,5 +172,9 @@ def test_lora_run_logs_counts_predicts_merged_and_distills(small_glue, tmp_path)
   same = predict.load_runs(f"{tmp_path / 'lora'}@latest,{tmp_path / 'lora'}@latest")
   np.testing.assert_allclose(predict.combined_logits(same, ex, "soup"), p.logits(ex), rtol=1e-5, atol=1e-6)
   runs[1].pooling = "mean"
-  with pytest.raises(ValueError, match="one architecture and head"):
+  with pytest.raises(ValueError, match="one architecture and head: .*pooling mean against cls"):
+    predict.combined_logits(runs, ex, "soup")
+  runs[1].pooling = runs[0].pooling
+  runs[1].params = {**runs[1].params, "extra": {"kernel": np.zeros((2, 3))}}
+  with pytest.raises(ValueError, match=r"parameter extra/kernel: \(2, 3\) against none"):
     predict.combined_logits(runs, ex, "soup")
