@@ -255,6 +255,8 @@ def test_batch_size_must_split_over_devices(small_glue, tmp_path):
       r"config.best_metric='f1': the eval reports accuracy, loss",
     ),  # was a KeyError at the first eval
     ({"loss": "mse"}, r"config.loss='mse' is a regression loss; sst2 is a classification task"),
+    ({"data.max_length": 0}, r"config.data.max_length=0, .*expected max_length >= 3"),  # was an IndexError
+    ({"data.pack_rows": -1}, r"pack_rows=-1: expected"),
   ],
 )
 def test_bad_run_fields_are_refused_by_name(small_glue, tmp_path, overrides, message):

@@ -83,8 +83,13 @@ class Data:
 
 
 def glue_data(config, task: tasks.Task) -> Data:
-  tokenizer = load_tokenizer(config.model)
   d = config.data
+  if d.max_length < 3 or min(d.buckets, default=1) < 1 or d.get("pack_rows", 0) < 0:  # [CLS] text [SEP] at the least
+    raise ValueError(
+      f"config.data.max_length={d.max_length}, buckets={tuple(d.buckets)}, pack_rows={d.get('pack_rows', 0)}: "
+      "expected max_length >= 3, buckets >= 1 and pack_rows >= 0 (0 = one example a row)"
+    )
+  tokenizer = load_tokenizer(config.model)
   read = functools.partial(
     sources.load_split, task, source=d.source, glue_dir=d.glue_dir, tfds_data_dir=d.tfds_data_dir
   )
