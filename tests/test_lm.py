@@ -129,6 +129,8 @@ def test_bad_corpora_give_errors_that_name_the_files(tmp_path):
     train.train_and_evaluate(_lm_config(tmp_path, **{"data.train_files": str(tiny)}), tmp_path / "a")
   with pytest.raises(ValueError, match=r"the last config.data.val_fraction=0.0 .*: 0 validation tokens"):
     train.train_and_evaluate(_lm_config(tmp_path, **{"data.val_fraction": 0.0}), tmp_path / "b")
+  with pytest.raises(ValueError, match=r"config.data.seq_len=0, val_fraction=0.1: expected"):  # was a ZeroDivisionError
+    train.train_and_evaluate(_lm_config(tmp_path, **{"data.seq_len": 0}), tmp_path / "b2")
   binary = tmp_path / "binary.txt"
   binary.write_bytes(b"caf\xe9\n" * 10)
   with pytest.raises(ValueError, match=r"config.data.val_files: .*binary.txt is not UTF-8 text"):

@@ -138,6 +138,10 @@ def glue_data(config, task: tasks.Task) -> Data:
 def lm_data(config, workdir: Path) -> Data:
   """A text corpus for next-token prediction; the tokenizer is trained here and saved in the workdir."""
   d = config.data
+  if d.seq_len < 1 or not 0.0 <= d.val_fraction < 1.0:
+    raise ValueError(
+      f"config.data.seq_len={d.seq_len}, val_fraction={d.val_fraction}: expected seq_len >= 1, 0 <= val_fraction < 1"
+    )
   text = lm.read_text(d.train_files)
   if d.val_files:
     train_text, val_text = text, lm.read_text(d.val_files, key="config.data.val_files")
