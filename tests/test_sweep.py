@@ -126,3 +126,42 @@ def test_curves_reads_splits_derives_perplexity_and_plots(tmp_path):
   (wd / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss"\n')
   with pytest.raises(ValueError, match=r"metrics.jsonl:2: not JSON"):
     curves.read_curves(wd, "loss")
+
+
+_RUN_CHILD = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from research import sweep
+run_dir = Path(sys.argv[1])
+# A stand-in for research.main: on Ctrl-C it takes a moment to save, then exits cleanly.
+run = ("import signal, sys, time, pathlib\\n"
+       "d = pathlib.Path(sys.argv[1])\\n"
+       "def save(*_): time.sleep(1); (d / 'saved').write_text('yes'); sys.exit(0)\\n"
+       "signal.signal(signal.SIGINT, save)\\n"
+       "(d / 'started').write_text('yes')\\n"
+       "time.sleep(60)\\n")
+sweep._run([sys.executable, "-c", run, str(run_dir)], run_dir)
+"""
+
+
+def test_ctrl_c_waits_for_the_run_to_save(tmp_path):
+  """Ctrl-C reaches the sweep and its run (one process group): the sweep waits for the run's
+  save instead of killing it, then stops with a message to rerun."""
+  import signal
+  import time
+
+  child = subprocess.Popen(
+    [sys.executable, "-c", _RUN_CHILD.format(repo=str(REPO)), str(tmp_path)],
+    stderr=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )
+  deadline = time.time() + 60
+  while not (tmp_path / "started").exists() and time.time() < deadline:
+    time.sleep(0.1)
+  os.killpg(child.pid, signal.SIGINT)
+  _, err = child.communicate(timeout=60)
+  assert (tmp_path / "saved").exists(), err  # not killed mid-save
+  assert "waiting for the run to save" in err and "interrupted; rerun the sweep to resume" in err
+  assert child.returncode == 1
