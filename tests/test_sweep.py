@@ -129,8 +129,10 @@ def test_curves_reads_splits_derives_perplexity_and_plots(tmp_path):
 
 
 _RUN_CHILD = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
+# As in a terminal: pytest-xdist's workers ignore SIGINT, and a child would inherit that.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {repo!r})
 from research import sweep
 run_dir = Path(sys.argv[1])
