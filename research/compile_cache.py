@@ -42,7 +42,7 @@ from pathlib import Path
 import jax
 from jax.experimental import serialize_executable
 
-from research import xla_env
+from research import writers, xla_env
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +137,12 @@ class _Cached:
     except Exception as e:  # noqa: BLE001 - e.g. a backend without serialization: run uncached
       log.warning("executable cache: %s cannot be serialized (%s); not kept", self.name, e)
       return compiled
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
       self.dir.mkdir(parents=True, exist_ok=True)
-      tmp.write_bytes(data)
-      os.replace(tmp, path)  # atomic: a killed run leaves no half-written file under the real name
+      writers.write_atomic(path, data)  # a killed run leaves no half-written file under the real name
       _evict(self.dir)
     except OSError as e:  # a full disk or a read-only folder costs the next run its trace, no more
       log.warning("executable cache: %s not saved (%s)", path, e)
-      tmp.unlink(missing_ok=True)
     return compiled
 
 

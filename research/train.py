@@ -22,8 +22,13 @@ import numpy as np
 
 from research import checkpoint, finetune, losses, optim, parallel, steps, writers
 from research.data import tasks
-from research.data.builders import LM_TASKS, glue_data, lm_data, load_tokenizer  # noqa: F401 (re-exported)
-from research.models.build import build_model, check_attention, check_same_model  # noqa: F401 (re-exported)
+from research.data.builders import LM_METRICS, LM_TASKS, glue_data, lm_data, load_tokenizer  # noqa: F401 (re-exported)
+from research.models.build import (  # noqa: F401 (re-exported)
+  build_model,
+  changed_fields,
+  check_attention,
+  check_same_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -378,12 +383,7 @@ def _config_changes(saved: Path, now: dict) -> list[str]:
   if not saved.is_file():
     return []
   old = flax.traverse_util.flatten_dict(json.loads(saved.read_text()), sep=".")
-  new = flax.traverse_util.flatten_dict(now, sep=".")
-  keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "progress")
-  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
-
-
-LM_METRICS = ("loss", "perplexity", "accuracy")  # what a language model's eval reports
+  return changed_fields(old, flax.traverse_util.flatten_dict(now, sep="."), ignore=("progress",))
 
 
 def _check_task_fields(config: ml_collections.ConfigDict, task: tasks.Task | None) -> None:

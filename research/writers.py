@@ -14,13 +14,16 @@ from pathlib import Path
 import jax
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-  """`text` into `path` through a temporary file and a rename, so that a reader (the run's other
-  processes, predict.py, a rerun) never sees the file half-written."""
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+  """`data` into `path` through a temporary file and a rename, so that a reader (the run's other
+  processes, predict.py, a rerun) never sees the file half-written, nor a killed writer leaves one."""
   path = Path(path)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(text, encoding="utf-8")
-  os.replace(tmp, path)
+  try:
+    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
 
 
 class MetricWriter:

@@ -22,6 +22,7 @@ from research.data import lm, pipeline, sources, tasks
 from research.models import convert
 
 LM_TASKS = ("lm", "mlm")  # causal / masked language modeling on a text corpus
+LM_METRICS = ("loss", "perplexity", "accuracy")  # what evaluate_lm reports (besides the token count)
 
 
 def load_tokenizer(mc: ml_collections.ConfigDict):

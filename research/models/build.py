@@ -157,6 +157,12 @@ def _load_pretrained(init_from: str, load=convert.load_hf_folder):
     raise convert.WeightsError(f"config.model.init_from: {e}") from None
 
 
+def changed_fields(old: dict, new: dict, ignore=()) -> list[str]:
+  """ "key: old -> new" for each key of two flat dicts whose values differ, in key order."""
+  keys = sorted(k for k in old.keys() | new.keys() if k not in ignore and old.get(k) != new.get(k))
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
+
+
 def check_same_model(workdir: Path, arch: dict) -> None:
   """A workdir holding checkpoints belongs to its model: a different one fails here, naming the
   fields, before config.json or model_config.json is overwritten."""
@@ -164,11 +170,9 @@ def check_same_model(workdir: Path, arch: dict) -> None:
   ckpts = workdir / "checkpoints"
   if not saved.exists() or not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
     return
-  old, new = json.loads(saved.read_text()), json.loads(json.dumps(arch))
-  diff = sorted(k for k in old.keys() | new.keys() if k not in _FREE_ARCH_FIELDS and old.get(k) != new.get(k))
-  if diff:
-    changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+  changes = changed_fields(json.loads(saved.read_text()), json.loads(json.dumps(arch)), ignore=_FREE_ARCH_FIELDS)
+  if changes:
     raise ValueError(
-      f"{workdir} holds checkpoints of a different model ({changes}); nothing was changed there. "
+      f"{workdir} holds checkpoints of a different model ({', '.join(changes)}); nothing was changed there. "
       "Use a new --workdir, or delete that one to start over."
     )
