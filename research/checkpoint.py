@@ -36,6 +36,10 @@ class MismatchError(ValueError):
   """A checkpoint whose train state does not fit this run's (model, optimizer, strategy)."""
 
 
+class UnreadableCheckpointError(OSError):
+  """A checkpoint whose files cannot be read: damaged or cut short, not merely another shape."""
+
+
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` with the three items we save."""
 
@@ -94,14 +98,22 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
     try:
       out = self.manager.restore(step, args=args)
-    except (ValueError, KeyError, TypeError) as e:  # orbax: tree structure or shape mismatch
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise MismatchError(
-        f"{self.directory}: the checkpoint at step {step} does not fit this run's train state ({first}); "
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds; say which case it is
+      raise self._restore_error(step, abstract_state, e) from e
+    return out.state, out.data
+
+  def _restore_error(self, step: int, abstract_state, error: Exception) -> Exception:
+    """A failed restore is one of two things: a state of another shape (another model,
+    optimizer or strategy wrote it), told by the saved tree, or files that cannot be read (a
+    full disk, a copy cut short). The second must not be reported as the first."""
+    difference = _tree_difference(_saved_state_metadata(self.directory, step), abstract_state)
+    if difference:
+      return MismatchError(
+        f"{self.directory}: the checkpoint at step {step} does not fit this run's train state ({difference}); "
         "it was written with a different model, optimizer or fine-tuning strategy. Use a new --workdir, "
         "or pass the old one as --config.resume only if the state matches."
-      ) from e
-    return out.state, out.data
+      )
+    return _unreadable(self.directory, step, error, self.manager.all_steps())
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -109,6 +121,60 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _unreadable(directory: Path, step: int, error: Exception, saved_steps) -> UnreadableCheckpointError:
+  root = error
+  while root.__cause__ is not None:  # tensorstore's own message names the file and the array
+    root = root.__cause__
+  first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+  others = sorted(s for s in saved_steps if s != step)
+  where = Path(directory) / str(step)
+  return UnreadableCheckpointError(
+    f"{where}: the checkpoint cannot be read ({type(root).__name__}: {first}); its files may be damaged "
+    "(a full disk, a copy cut short). Nothing was changed. "
+    + (
+      f"Other saved steps: {others}; to use the latest of them, move {where} out of the checkpoints folder."
+      if others
+      else "No other step is saved; a new --workdir starts afresh."
+    )
+  )
+
+
+def _saved_state_metadata(directory: Path, step: int) -> Any:
+  """The saved train state's tree of array metadata (shape, dtype), or None if unreadable."""
+  try:
+    mngr = ocp.CheckpointManager(
+      directory.resolve(),
+      item_handlers={"state": ocp.StandardCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True),
+    )
+    return mngr.item_metadata(step).state
+  except Exception:  # noqa: BLE001 - no metadata: then the files are what is wrong
+    return None
+
+
+def _tree_difference(saved, target) -> str:
+  """The first difference between a saved state's metadata and the restore target, by key
+  path ("" if none, or if `saved` is None): a leaf on one side only, or another shape/dtype."""
+  if saved is None:
+    return ""
+
+  def by_path(tree) -> dict[str, Any]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))  # noqa: E731
+    return {"/".join(name(k) for k in path): leaf for path, leaf in flat}
+
+  have, want = by_path(saved), by_path(target)
+  if missing := sorted(want.keys() - have.keys()):
+    return f"this run has {missing[0]}, the checkpoint does not"
+  if extra := sorted(have.keys() - want.keys()):
+    return f"the checkpoint has {extra[0]}, this run does not"
+  for path in sorted(want):
+    a, b = have[path], want[path]
+    if (tuple(a.shape), str(a.dtype)) != (tuple(b.shape), str(b.dtype)):
+      return f"{path}: saved {a.dtype}{list(a.shape)}, this run {b.dtype}{list(b.shape)}"
+  return ""
 
 
 def _whole_arrays_on_cpu() -> None:
@@ -158,9 +224,12 @@ def restore_on_host(directory: str | Path, step: int | None = None) -> tuple[int
   if step not in saved:
     raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; saved steps: {sorted(saved)}")
   one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  meta = mngr.item_metadata(step).state
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), meta)
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+  try:
+    meta = mngr.item_metadata(step).state
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), meta)
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+  except Exception as e:  # noqa: BLE001 - the target is the saved tree itself: the files are at fault
+    raise _unreadable(Path(directory), step, e, saved) from e
   return step, state, mngr.metrics(step) or {}
 
 
