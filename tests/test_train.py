@@ -1,7 +1,9 @@
 """End to end through `train_and_evaluate`: outputs, exact resume after SIGKILL, loud failures."""
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -106,6 +108,19 @@ def test_a_damaged_checkpoint_is_named_as_damaged_and_nothing_changes(small_glue
   with pytest.raises(checkpoint.UnreadableCheckpointError, match=damaged):
     checkpoint.restore_on_host(ckpts, 8)
   assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == files
+
+
+def test_a_save_cut_short_is_ignored_on_resume(small_glue, tmp_path, caplog):
+  """A process killed while Orbax was writing leaves `N.orbax-checkpoint-tmp` behind; the rerun
+  resumes from the last complete step, and the leftover goes when step N is saved again."""
+  train.train_and_evaluate(tiny_config(small_glue, num_train_steps=8), tmp_path)
+  ckpts = tmp_path / "checkpoints"
+  shutil.copytree(ckpts / "8", ckpts / "10.orbax-checkpoint-tmp")
+  shutil.rmtree(ckpts / "10.orbax-checkpoint-tmp" / "data")  # cut short
+  with caplog.at_level(logging.INFO, logger="research.train"):
+    assert train.train_and_evaluate(tiny_config(small_glue, num_train_steps=12), tmp_path)["step"] == 12
+  assert "at step 8" in next(r.getMessage() for r in caplog.records if "resumed from" in r.getMessage())
+  assert sorted(p.name for p in ckpts.iterdir()) == ["12"]
 
 
 _CHILD = textwrap.dedent("""
