@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,26 +88,49 @@ def test_a_different_model_or_optimizer_in_a_used_workdir_fails_and_changes_noth
   )
 
 
-# Orbax reads the arrays concurrently; when one read fails it abandons the others, whose
-# coroutines Python then reports as never finished. Noise from Orbax's failure path, not ours.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+_DAMAGED_CHILD = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r}); sys.path.insert(0, {repo!r})
+    from pathlib import Path
+    from conftest import tiny_config
+    from research import checkpoint, train
+    workdir, glue = Path(sys.argv[1]), Path(sys.argv[2])
+    errors = []
+    for attempt in (
+      lambda: train.train_and_evaluate(tiny_config(glue, num_train_steps=12, keep_every_steps=4), workdir),
+      lambda: checkpoint.restore_on_host(workdir / "checkpoints", 8),
+    ):
+      try:
+        attempt()
+        errors.append(None)
+      except Exception as e:
+        errors.append([type(e).__name__, str(e)])
+    print(json.dumps(errors))
+""")
+
+
 def test_a_damaged_checkpoint_is_named_as_damaged_and_nothing_changes(small_glue, tmp_path):
   """A checkpoint file cut short (a full disk, a copy interrupted) is reported as unreadable,
   with tensorstore's reason and the other saved steps, not as a different model; the workdir
-  is left as it was, for training and for prediction."""
-  c = dict(num_train_steps=8, keep_every_steps=4)
-  train.train_and_evaluate(tiny_config(small_glue, **c), tmp_path)
+  is left as it was, for training and for prediction. (The failing restores run in a child:
+  Orbax abandons its other concurrent reads when one fails, and Python reports those as
+  unraisable exceptions in whatever test runs next.)"""
+  train.train_and_evaluate(tiny_config(small_glue, num_train_steps=8, keep_every_steps=4), tmp_path)
   ckpts = tmp_path / "checkpoints"
-  saved = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-  assert saved == [4, 8]
+  assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [4, 8]
   biggest = max((ckpts / "8" / "state").rglob("*"), key=lambda f: f.stat().st_size if f.is_file() else 0)
   biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
   files = {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
-  damaged = rf"{ckpts / '8'}: the checkpoint cannot be read \(ValueError: OUT_OF_RANGE"
-  with pytest.raises(checkpoint.UnreadableCheckpointError, match=damaged + r".*Other saved steps: \[4\]"):
-    train.train_and_evaluate(tiny_config(small_glue, **c | {"num_train_steps": 12}), tmp_path)
-  with pytest.raises(checkpoint.UnreadableCheckpointError, match=damaged):
-    checkpoint.restore_on_host(ckpts, 8)
+  script = _DAMAGED_CHILD.format(tests=str(REPO / "tests"), repo=str(REPO))
+  out = subprocess.run(
+    [sys.executable, "-c", script, str(tmp_path), str(small_glue)], capture_output=True, text=True, timeout=600
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  (train_kind, train_msg), (host_kind, host_msg) = json.loads(out.stdout.strip().splitlines()[-1])
+  damaged = rf"^{ckpts / '8'}: the checkpoint cannot be read \(ValueError: OUT_OF_RANGE: Error reading .* in OCDBT"
+  assert train_kind == host_kind == "UnreadableCheckpointError"
+  assert re.match(damaged + r".*Other saved steps: \[4\]; to use the latest of them, move", train_msg), train_msg
+  assert re.match(damaged, host_msg), host_msg
   assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == files
 
 
