@@ -36,6 +36,17 @@ def test_missing_task_folder(tmp_path):
     sources.load_split(SST2, "train", source="tsv", glue_dir=str(tmp_path), tfds_data_dir=None)
 
 
+def test_byte_order_mark_and_crlf_line_ends_read_as_plain_utf8(tmp_path):
+  """Files saved by Excel or Notepad: a leading BOM would stick to the first column's name."""
+  plain = sources.read_glue_tsv(_write(tmp_path, "sentence\tlabel\ngood film\t1\nbad film\t0\n"), SST2)
+  (tmp_path / "b").mkdir()
+  p = tmp_path / "b" / "train.tsv"
+  p.write_bytes(b"\xef\xbb\xbf" + b"sentence\tlabel\r\ngood film\t1\r\nbad film\t0\r\n")
+  windows = sources.read_glue_tsv(p, SST2)
+  assert windows.texts == plain.texts == [("good film",), ("bad film",)]
+  np.testing.assert_array_equal(windows.labels, plain.labels)
+
+
 def test_malformed_row_names_file_and_line(tmp_path):
   p = _write(tmp_path, "sentence\tlabel\ngood film\t1\nbad film\t0\textra\n")
   with pytest.raises(sources.DataError, match=rf"{p}:3: expected 2 tab-separated columns"):

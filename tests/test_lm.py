@@ -119,6 +119,12 @@ def _lm_config(tmp_path, **overrides):
   return c
 
 
+def test_corpus_byte_order_mark_and_crlf_are_not_text(tmp_path):
+  (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfto be,\r\nor not\r\n")
+  (tmp_path / "b.txt").write_bytes(b"to be,\nor not\n")
+  assert lm.read_text(f"{tmp_path / 'a.txt'}") == lm.read_text(f"{tmp_path / 'b.txt'}") == "to be,\nor not\n"
+
+
 def test_bad_corpora_give_errors_that_name_the_files(tmp_path):
   """A corpus too small for one batch, an empty validation split and a file that is not UTF-8
   are refused naming the config key and the file; a character that only the validation text

@@ -75,7 +75,7 @@ def read_text(paths: str, key: str = "config.data.train_files") -> str:
     if not path.is_file():
       raise FileNotFoundError(f"{key}: {path} does not exist")
     try:
-      parts.append(path.read_text(encoding="utf-8"))
+      parts.append(path.read_text(encoding="utf-8-sig"))  # a leading byte-order mark is not text
     except UnicodeDecodeError as e:
       raise ValueError(f"{key}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
   if not parts:

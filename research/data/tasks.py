@@ -22,7 +22,9 @@ class Task:
   dev_splits: tuple[str, ...] = ("dev",)  # local file stems; TFDS uses "validation..."
   # Files without a header name their columns by position.
   header: tuple[str, ...] | None = None
-  encoding: str = "utf-8"
+  # utf-8-sig: UTF-8 that also drops a leading byte-order mark (MRPC's files have one, and so do
+  # files saved by Excel or Notepad), which would otherwise stick to the first column's name.
+  encoding: str = "utf-8-sig"
   # TFDS's ClassLabel names for our labels, in our order, where TFDS names them differently
   # (TFDS sst2 says "negative"/"positive" where the TSVs say 0/1); empty: the same names.
   tfds_labels: tuple[str, ...] = ()
@@ -77,7 +79,6 @@ TASKS: dict[str, Task] = {
       ("f1", "accuracy"),
       "glue/mrpc",
       tfds_columns=("sentence1", "sentence2"),
-      encoding="utf-8-sig",
       tfds_labels=("not_equivalent", "equivalent"),
     ),
     Task(
