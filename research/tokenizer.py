@@ -29,11 +29,14 @@ def _iter_texts(files: list[str]):
     path = Path(f)
     if not path.is_file():
       raise FileNotFoundError(f"--files: {path} does not exist")
-    with path.open(encoding="utf-8") as fh:
-      for line in fh:
-        if line.strip():
-          seen = True
-          yield line
+    with path.open(encoding="utf-8-sig") as fh:  # -sig: a leading byte-order mark is not text
+      try:
+        for line in fh:
+          if line.strip():
+            seen = True
+            yield line
+      except UnicodeDecodeError as e:
+        raise ValueError(f"--files: {path} is not UTF-8 text ({e.reason})") from None
   if not seen:
     raise ValueError(f"--files={','.join(files)}: no text to train on (every line is blank)")
 

@@ -217,6 +217,10 @@ def test_trained_tokenizers_load_in_transformers(tmp_path):
   blank.write_text("\n  \n")
   with pytest.raises(ValueError, match=r"blank.txt: no text to train on"):  # was a vocabulary of the 5 specials
     tokenizer.train_wordpiece([str(blank)], 200, tmp_path / "none")
+  binary = tmp_path / "binary.txt"
+  binary.write_bytes(b"caf\xe9\n" * 10)
+  with pytest.raises(ValueError, match=r"--files: .*binary.txt is not UTF-8 text"):  # was a bare UnicodeDecodeError
+    tokenizer.train_wordpiece([str(binary)], 200, tmp_path / "none")
   assert not (tmp_path / "none").exists()
 
 
