@@ -246,6 +246,26 @@ def test_mlm_export_loads_in_pytorch_with_same_logits(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(params))
 
 
+def test_export_into_a_used_folder_names_what_it_kept(tmp_path, caplog):
+  """Files the export does not write stay, as with `save_pretrained`, and are named (a PEFT
+  `adapter_config.json` left there would make transformers load an adapter)."""
+  import make_mlm_golden as g
+
+  from research.models import convert
+
+  model, cfg, params = g.build_params()
+  (tmp_path / "adapter_config.json").write_text("{}")
+  (tmp_path / "config.json").write_text("{}")  # overwritten, so not named
+  with caplog.at_level(logging.WARNING, logger="research.models.convert"):
+    convert.save_hf_mlm_folder(tmp_path, params, cfg)
+  assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+    "the export kept files from before that it did not write: adapter_config.json"
+  ]
+  caplog.clear()
+  convert.save_hf_mlm_folder(tmp_path / "fresh", params, cfg)
+  assert not caplog.records
+
+
 def test_masking_rule_and_masked_lm_pretraining(tmp_path, tokenizer):
   masker = lm.MaskedLM(tokenizer, prob=0.15)
   ids = np.asarray(tokenizer(["the quick brown fox jumps over the lazy dog " * 20] * 64)["input_ids"])[:, :128]

@@ -279,7 +279,7 @@ def save_hf_folder(
   from safetensors.numpy import save_file
 
   out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  before = _files_before_export(out)
   if cfg.lora_rank:
     raise ValueError("merge the LoRA adapters first (finetune.merge_lora); HF BERT has no place for them")
   hf_cfg = _hf_config(cfg) | {
@@ -296,7 +296,22 @@ def save_hf_folder(
   save_file(params_to_hf(params, cfg), str(out / "model.safetensors"), metadata={"format": "pt"})
   if tokenizer is not None:
     tokenizer.save_pretrained(str(out))
+  _warn_left_over(out, before)
   return out
+
+
+def _files_before_export(out: Path) -> dict[str, int]:
+  """The folder's files (name -> mtime) before an export writes into it, made if need be."""
+  out.mkdir(parents=True, exist_ok=True)
+  return {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+
+def _warn_left_over(out: Path, before: dict[str, int]) -> None:
+  """An export into a used folder keeps what it does not overwrite, as `save_pretrained` does;
+  name those files, since transformers may read some of them (other weights, a PEFT adapter)."""
+  kept = sorted(n for n, t in before.items() if (out / n).exists() and (out / n).stat().st_mtime_ns == t)
+  if kept:
+    log.warning("%s: the export kept files from before that it did not write: %s", out, ", ".join(kept))
 
 
 # --- masked-LM checkpoints (BertForMaskedLM) ---------------------------------------------
@@ -358,7 +373,7 @@ def save_hf_mlm_folder(out_dir: str | Path, params: dict, cfg: BertConfig, token
   from safetensors.numpy import save_file
 
   out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  before = _files_before_export(out)
   hf_cfg = _hf_config(cfg) | {
     "architectures": ["BertForMaskedLM"],
     "position_embedding_type": "absolute",
@@ -374,4 +389,5 @@ def save_hf_mlm_folder(out_dir: str | Path, params: dict, cfg: BertConfig, token
   save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
   if tokenizer is not None:
     tokenizer.save_pretrained(str(out))
+  _warn_left_over(out, before)
   return out
