@@ -68,6 +68,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -709,38 +710,11 @@ def main() -> None:
   )
   header += " speed vs HF Flax |" if flax_py else ""
   print(header + "\n|" + "---|" * (10 if flax_py else 9))
+  rows = _Rows(args)
   for shape in args.shapes:
     flops = flops_per_step(shape, args.batch, args.seq)
-    ours = _our_rows(args)
-    results = []
-    for round_ in range(args.rounds):  # interleaved: a drift in the host's speed hits every row alike
-      for i, kw in enumerate(ours):
-        r = run_worker(sys.executable, "jax", args, shape, args.dtype, **kw)
-        if round_:
-          results[i]["times"] += r["times"]
-        else:
-          results.append(r)
-    flax_row = run_worker(flax_py, "hf_flax", args, shape) if flax_py else None
-    # with --bf16-matmul, HF Flax's own mixed precision too (a row after the fp32 reference)
-    flax_bf16 = run_worker(flax_py, "hf_flax", args, shape, "bfloat16") if flax_py and args.bf16_matmul else None
-    # with --rolled-threefry, HF Flax as it comes too (JAX's lowering; the speed ratios stay against the row above)
-    flax_rolled = (
-      run_worker(flax_py, "hf_flax", args, shape, threefry="rolled") if flax_py and args.rolled_threefry else None
-    )
-    if torch_py:  # autocast unless float32; glibc's malloc as PyTorch users run it
-      results.append(run_worker(torch_py, "torch", args, shape, args.dtype, malloc="default"))
-    if torch_py or reference == "einsum":
-      ref_row = results[-1] if torch_py else results[-2]
-    else:
-      ref_row = results[1] if reference == "every token" else results[0]
-    ref = statistics.median(ref_row["times"]) if reference else None
-    if torch_py and args.torch_bf16:  # PyTorch's mixed precision, after the reference row
-      results.append(run_worker(torch_py, "torch", args, shape, "bfloat16", malloc="default"))
-    if torch_py and args.torch_keep_malloc:
-      for dtype in [args.dtype] + (["bfloat16"] if args.torch_bf16 else []):
-        results.append(run_worker(torch_py, "torch", args, shape, dtype, malloc="keep"))
-    flax_ref = statistics.median(flax_row["times"]) if flax_row else None
-    every_row = results + [row for row in (flax_row, flax_bf16, flax_rolled) if row]
+    results, flax_rows, ref, flax_ref = _measure_shape(args, shape, rows, torch_py, flax_py, reference)
+    every_row = results + flax_rows
     for r in every_row:
       med = statistics.median(r["times"])
       ratio = f"{ref / med:.2f}x" if ref else "-"
@@ -751,7 +725,7 @@ def main() -> None:
         f"{100 * flops / med / 1e9 / peak:.0f}% | {'-' if mem is None else f'{mem:.1f}'} | {temp} | {ratio} |"
         + (f" {flax_ref / med:.2f}x |" if flax_ref else "")
       )
-    _print_bf16_pair(results + ([flax_bf16] if flax_bf16 else []))
+    _print_bf16_pair(every_row)
     for r in results:
       if r.get("xla_flops"):
         print(
@@ -762,6 +736,74 @@ def main() -> None:
       if r.get("profile"):  # the last round's
         print(f"\nop time by kind, {shape}, {r['framework']} (ms per step, {r['profile_unit']}; ops per step):")
         print("  " + "; ".join(f"{kind} {ms:.0f} ({n})" for kind, ms, n in r["profile"]))
+  for row, why in rows.failed:
+    print(f"  (failed, not in the table: {row}: {why})")
+  if rows.failed:
+    sys.exit(1)
+
+
+class _Rows:
+  """Runs rows (run_worker); a row that fails (a GPU kernel this device lacks, its memory) is
+  noted and gives None, and the other rows go on: a lent GPU's minutes are not lost to one row."""
+
+  def __init__(self, args):
+    self.args, self.failed = args, []  # failed: (row, why)
+
+  def run(self, python, kind, shape, *a, **kw) -> dict | None:
+    try:
+      return run_worker(python, kind, self.args, shape, *a, **kw)
+    except RuntimeError as e:
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+      why = next((s for s in reversed(lines) if re.match(r"[\w.]+(Error|Exception)\b", s)), lines[-1])
+      self.failed.append((f"{shape} {kind} {a} {kw}", why))
+      print(f"  ({shape}: the {kind} row {a} {kw} failed: {why})", file=sys.stderr, flush=True)
+      return None
+
+
+def _our_results(args, shape: str, rows: _Rows) -> list[dict | None]:
+  """Our rows, interleaved over --rounds (a drift in the host's speed hits every row alike)."""
+  results = []
+  for round_ in range(args.rounds):
+    for i, kw in enumerate(_our_rows(args)):
+      if round_ and results[i] is None:
+        continue
+      r = rows.run(sys.executable, "jax", shape, args.dtype, **kw)
+      if not round_:
+        results.append(r)
+      elif r is not None:
+        results[i]["times"] += r["times"]
+  return results
+
+
+def _measure_shape(args, shape: str, rows: _Rows, torch_py, flax_py, reference):
+  """One shape's rows: ours, PyTorch's and HF Flax's (its fp32 row first); with the reference
+  row's and HF Flax's fp32 median step times (None where absent or failed)."""
+  results = _our_results(args, shape, rows)
+  flax_fp32 = rows.run(flax_py, "hf_flax", shape) if flax_py else None
+  # with --bf16-matmul HF Flax's own mixed precision too; with --rolled-threefry HF Flax as it comes
+  flax_rows = [
+    flax_fp32,
+    rows.run(flax_py, "hf_flax", shape, "bfloat16") if flax_py and args.bf16_matmul else None,
+    rows.run(flax_py, "hf_flax", shape, threefry="rolled") if flax_py and args.rolled_threefry else None,
+  ]
+  if torch_py:  # autocast unless float32; glibc's malloc as PyTorch users run it
+    results.append(rows.run(torch_py, "torch", shape, args.dtype, malloc="default"))
+  if torch_py or reference == "einsum":
+    ref_row = results[-1] if torch_py else results[-2]
+  else:
+    ref_row = results[1] if reference == "every token" else results[0]
+  torch_dtypes = ["bfloat16"] if torch_py and args.torch_bf16 else []  # PyTorch's mixed precision, after the reference
+  for dtype in torch_dtypes:
+    results.append(rows.run(torch_py, "torch", shape, dtype, malloc="default"))
+  for dtype in [args.dtype, *torch_dtypes] if torch_py and args.torch_keep_malloc else []:
+    results.append(rows.run(torch_py, "torch", shape, dtype, malloc="keep"))
+  median = lambda row: statistics.median(row["times"]) if row else None  # noqa: E731
+  return (
+    [r for r in results if r],
+    [r for r in flax_rows if r],
+    median(ref_row) if reference else None,
+    median(flax_fp32),
+  )
 
 
 if __name__ == "__main__":
