@@ -52,7 +52,7 @@ class Checkpointer:
     keep_every: int = 0,
     read_only: bool = False,
   ):
-    self.directory, self.best_metric = Path(directory), best_metric
+    self.directory, self.best_metric, self.best_mode = Path(directory), best_metric, best_mode
     reverse = best_mode == "min"
 
     def metric(m: dict[str, float]) -> float:

@@ -118,14 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   # --- Mesh ------------------------------------------------------------------------------
   mesh = parallel.make_mesh(config.num_devices, config.get("fsdp", 1))
   strategy = parallel.Strategy(config.parallel, mesh)
-  packed = not lm_task and config.data.get("pack_rows", 0) > 0
-  if packed:
-    if config.model.get("arch", "bert") != "bert":
-      raise ValueError(f"config.data.pack_rows needs a BERT model, not config.model.arch={config.model.arch!r}")
-    parallel.check_batch_size(config.data.pack_rows, mesh, config.optimizer.grad_accum, name="data.pack_rows")
-  else:
-    parallel.check_batch_size(config.batch_size, mesh, config.optimizer.grad_accum)
-  parallel.check_batch_size(config.eval_batch_size, mesh)
+  _check_batch_sizes(config, mesh, lm_task)
   log.info("mesh %s over %d processes, %s", dict(mesh.shape), jax.process_count(), config.parallel)
 
   # --- Data ------------------------------------------------------------------------------
@@ -139,11 +132,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   # --- Model + params ----------------------------------------------------------------------
   init_rng = jax.random.PRNGKey(config.seed)
-  # Dropout bits: threefry (JAX's default) is the same under any sharding, which the
-  # sharded == single-device property relies on; "rbg" (XLA's RngBitGenerator) makes the
-  # MiniLM train step ~20% faster on CPU (benchmarks/train_step.py) but depends on the layout.
-  if config.rng_impl != "threefry2x32" and config.parallel == "pmap":
-    raise ValueError(f"config.rng_impl={config.rng_impl!r} is supported with parallel='jit' only")
   dropout_rng = jax.random.key_data(jax.random.key(config.seed + 1, impl=config.rng_impl))
   model, params, arch = build_model(config.model, data.num_outputs, data.vocab_size, init_rng, config.finetune, mesh)
   check_same_model(workdir, arch)  # before anything in the workdir is written
@@ -179,22 +167,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   ckpt = checkpoint.Checkpointer(
     workdir / "checkpoints", best_metric=best_metric, best_mode=mode, keep_every=config.keep_every_steps
   )
-  early_stop, seconds_before = {}, 0.0  # what the run's earlier processes spent training, on a resume
   config_dict = json.loads(config.to_json_best_effort())
-  if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(ckpt.latest_step(), checkpoint.abstract(state))
+  state, data_state, own = _restore(ckpt, config, state, workdir, config_dict)
+  if data_state is not None:
     train_iter.set_state(data_state)
-    early_stop = data_state.get("early_stop", {})
-    seconds_before = data_state.get("train_seconds", 0.0)
-    log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
-    _warn_config_changes(workdir / "config.json", config_dict)  # before config.json is rewritten below
-  elif config.resume:
-    other = checkpoint.Checkpointer(config.resume, best_metric=best_metric, best_mode=mode, read_only=True)
-    if other.latest_step() is None:
-      raise FileNotFoundError(f"config.resume={config.resume!r} holds no checkpoint")
-    state, data_state = other.restore(other.latest_step(), checkpoint.abstract(state))
-    train_iter.set_state(data_state)
-    log.info("started from %s step %d", config.resume, int(state.step))
+  # A resume of this run carries early stopping's count and what its earlier processes spent
+  # training; a start from another run's checkpoint (config.resume) takes neither.
+  early_stop = data_state.get("early_stop", {}) if own else {}
+  seconds_before = data_state.get("train_seconds", 0.0) if own else 0.0
 
   # Written once the workdir's checkpoints are known to fit this run: config.json records the
   # run; model_config.json is what predict.py / generate.py rebuild the model from.
@@ -375,6 +355,43 @@ def _check_run_fields(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f"config.num_train_steps=0 and config.num_epochs={config.num_epochs}: set one of them to the run's length"
     )
+  # Dropout bits: threefry (JAX's default) is the same under any sharding, which the
+  # sharded == single-device property relies on; "rbg" (XLA's RngBitGenerator) depends on the
+  # layout, which pmap's per-device programs do not share with jit's.
+  if config.rng_impl != "threefry2x32" and config.parallel == "pmap":
+    raise ValueError(f"config.rng_impl={config.rng_impl!r} is supported with parallel='jit' only")
+
+
+def _check_batch_sizes(config: ml_collections.ConfigDict, mesh, lm_task: bool) -> None:
+  """Each batch divides over the mesh's data axis (and micro-batches); packed rows need a BERT."""
+  if not lm_task and config.data.get("pack_rows", 0) > 0:
+    if config.model.get("arch", "bert") != "bert":
+      raise ValueError(f"config.data.pack_rows needs a BERT model, not config.model.arch={config.model.arch!r}")
+    parallel.check_batch_size(config.data.pack_rows, mesh, config.optimizer.grad_accum, name="data.pack_rows")
+  else:
+    parallel.check_batch_size(config.batch_size, mesh, config.optimizer.grad_accum)
+  parallel.check_batch_size(config.eval_batch_size, mesh)
+
+
+def _restore(ckpt: checkpoint.Checkpointer, config, state, workdir: Path, config_dict: dict):
+  """(state, data position, whether it is this run's own) by precedence: the workdir's own
+  latest checkpoint, else `config.resume` (another run's checkpoints), else `state` as built
+  (pretrained or scratch) with no data position."""
+  if ckpt.latest_step() is not None:
+    state, data_state = ckpt.restore(ckpt.latest_step(), checkpoint.abstract(state))
+    log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
+    _warn_config_changes(workdir / "config.json", config_dict)  # before config.json is rewritten
+    return state, data_state, True
+  if config.resume:
+    other = checkpoint.Checkpointer(
+      config.resume, best_metric=ckpt.best_metric, best_mode=ckpt.best_mode, read_only=True
+    )
+    if other.latest_step() is None:
+      raise FileNotFoundError(f"config.resume={config.resume!r} holds no checkpoint")
+    state, data_state = other.restore(other.latest_step(), checkpoint.abstract(state))
+    log.info("started from %s step %d", config.resume, int(state.step))
+    return state, data_state, False
+  return state, None, False
 
 
 def _config_changes(saved: Path, now: dict) -> list[str]:
