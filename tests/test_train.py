@@ -69,6 +69,31 @@ def test_rerun_of_a_finished_run_is_a_no_op(small_glue, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, before, after)
 
 
+def test_config_resume_starts_from_another_runs_checkpoint(small_glue, tmp_path, caplog):
+  """`config.resume` continues another run's latest checkpoint in a new workdir (state, data
+  position, dropout rng: the same parameters as one uninterrupted run, with a schedule that does
+  not depend on the run's length), without its early-stopping count or training time; the new
+  workdir's own checkpoint then comes first."""
+  flat = {"optimizer.schedule": "constant", "optimizer.warmup_ratio": 0.0}
+  train.train_and_evaluate(tiny_config(small_glue, num_train_steps=8, **flat), tmp_path / "straight")
+  train.train_and_evaluate(tiny_config(small_glue, num_train_steps=4, **flat), tmp_path / "first")
+  second = tiny_config(small_glue, num_train_steps=8, resume=str(tmp_path / "first" / "checkpoints"), **flat)
+  with caplog.at_level(logging.INFO, logger="research.train"):
+    result = train.train_and_evaluate(second, tmp_path / "second")
+  assert any("started from" in r.getMessage() and "step 4" in r.getMessage() for r in caplog.records)
+  assert result["step"] == 8 and result["train_seconds"] < 60
+  jax.tree.map(
+    np.testing.assert_array_equal, _final_params(tmp_path / "straight")[1], _final_params(tmp_path / "second")[1]
+  )
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="research.train"):
+    assert train.train_and_evaluate(second, tmp_path / "second")["step"] == 8  # its own checkpoint, not first's
+  assert any("resumed from" in r.getMessage() and "second" in r.getMessage() for r in caplog.records)
+  with pytest.raises(FileNotFoundError, match=r"config.resume=.*empty.* holds no checkpoint"):
+    (tmp_path / "empty").mkdir()
+    train.train_and_evaluate(tiny_config(small_glue, resume=str(tmp_path / "empty"), **flat), tmp_path / "third")
+
+
 def test_a_different_model_or_optimizer_in_a_used_workdir_fails_and_changes_nothing(small_glue, tmp_path):
   """Rerunning a workdir with another architecture names the changed fields before anything
   is written; another optimizer (a differently shaped state) gets a clear checkpoint error."""
