@@ -124,6 +124,7 @@ class Checkpointer:
 
 
 def _unreadable(directory: Path, step: int, error: Exception, saved_steps) -> UnreadableCheckpointError:
+  """The error for a checkpoint whose files failed to read: the innermost reason, and what to do."""
   root = error
   while root.__cause__ is not None:  # tensorstore's own message names the file and the array
     root = root.__cause__
