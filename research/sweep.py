@@ -236,6 +236,17 @@ def plot(root: Path, rows: list[dict], settings: list[dict], seeds: list[int]) -
   plt.close(fig)
 
 
+def parse_seeds(arg: str) -> list[int]:
+  """`--seeds 0,1,2` -> [0, 1, 2]; a repeated seed would count one run twice in the tables."""
+  try:
+    seeds = [int(s) for s in arg.split(",") if s.strip()]
+  except ValueError:
+    raise ValueError(f"--seeds={arg!r}: expected comma-separated integers, e.g. 0,1,2") from None
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"--seeds={arg!r}: expected one or more distinct seeds, e.g. 0,1,2")
+  return seeds
+
+
 def _define_flags() -> None:
   """Flags exist only when this file is the program (other entry points define --config too)."""
   flags.DEFINE_string("config", None, "An ablation config: configs/ablations/<name>.py[:arg]")
@@ -266,7 +277,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   config_arg, root, seeds_arg = f.config, Path(f.workdir), f.seeds
-  seeds = [int(s) for s in seeds_arg.split(",") if s.strip()]
+  seeds = parse_seeds(seeds_arg)
   settings, title = load_sweep(config_arg)
   sweep_cmd = f"python -m research.sweep --config {config_arg} --workdir {root} --seeds {seeds_arg}"
   pending = [

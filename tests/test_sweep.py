@@ -75,6 +75,11 @@ def test_sweep_typo_is_named(tmp_path):
   cfg.write_text(CONFIG.replace('{"_name": "sgd", ', '{"_name": "lr=0.001", '))
   with pytest.raises(ValueError, match=r"sweep\(\)\[0\] and sweep\(\)\[1\] both run in 'lr=0.001'"):
     sweep.load_sweep(str(cfg))
+  # seeds: a repeated one would count one run twice in the mean and std
+  assert sweep.parse_seeds("0, 1,2") == [0, 1, 2]
+  for bad, why in (("0,x", "comma-separated integers"), ("0,1,0", "distinct"), (",", "distinct")):
+    with pytest.raises(ValueError, match=rf"--seeds='{bad}': expected .*{why}"):
+      sweep.parse_seeds(bad)
 
 
 def test_per_setting_config_arg_and_mixed_metrics(tmp_path):
