@@ -121,12 +121,18 @@ class Predictor:
 def load_runs(specs: str, step: str = "best") -> list[Predictor]:
   """Comma-separated `workdir` or `workdir@STEP` (`@latest`, `@best`) -> one Predictor each, all
   of one task."""
-  runs = []
+  runs, seen = [], {}
   for spec in [t.strip() for t in specs.split(",") if t.strip()]:
     workdir, _, at = spec.partition("@")
     runs.append(Predictor(workdir, at or step))
     if runs[-1].task.name != runs[0].task.name:
       raise ValueError(f"{workdir!r} was trained on {runs[-1].task.name}, {runs[0].workdir} on {runs[0].task.name}")
+    member = (Path(workdir).resolve(), runs[-1].step)
+    if member in seen:  # e.g. `run,run@latest` where the best step is the latest
+      raise ValueError(
+        f"{spec!r} and {seen[member]!r} are the same checkpoint (step {member[1]}); it would count twice"
+      )
+    seen[member] = spec
   if not runs:
     raise ValueError(f"no training workdir in {specs!r}")
   return runs
