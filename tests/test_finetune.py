@@ -171,7 +171,9 @@ def test_lora_run_logs_counts_predicts_merged_and_distills(small_glue, tmp_path)
   np.testing.assert_allclose(soup, runs[0].logits(ex, params=avg), rtol=1e-5, atol=1e-6)
   same = [runs[0], runs[0]]  # a soup of one weight set twice is that model
   np.testing.assert_allclose(predict.combined_logits(same, ex, "soup"), p.logits(ex), rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match=r"lora@8' and .*lora@latest' are the same checkpoint \(step 8\); it would count twice"):
+  with pytest.raises(
+    ValueError, match=r"lora@8' and .*lora@latest' are the same checkpoint \(step 8\); it would count twice"
+  ):
     predict.load_runs(f"{tmp_path / 'lora'}@latest,{tmp_path / 'lora'}@8")  # listed twice: refused
   runs[1].pooling = "mean"
   with pytest.raises(ValueError, match="one architecture and head: .*pooling mean against cls"):
