@@ -98,6 +98,8 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
     try:
       out = self.manager.restore(step, args=args)
+    except MemoryError:
+      raise
     except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds; say which case it is
       raise self._restore_error(step, abstract_state, e) from e
     return out.state, out.data
@@ -229,6 +231,8 @@ def restore_on_host(directory: str | Path, step: int | None = None) -> tuple[int
     meta = mngr.item_metadata(step).state
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), meta)
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+  except MemoryError:
+    raise
   except Exception as e:  # noqa: BLE001 - the target is the saved tree itself: the files are at fault
     raise _unreadable(Path(directory), step, e, saved) from e
   return step, state, mngr.metrics(step) or {}
