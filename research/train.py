@@ -15,20 +15,14 @@ import signal
 import time
 from pathlib import Path
 
-import flax
 import jax
 import ml_collections
 import numpy as np
 
-from research import checkpoint, finetune, losses, optim, parallel, steps, writers
+from research import checkpoint, finetune, losses, optim, parallel, run_checks, steps, writers
 from research.data import tasks
-from research.data.builders import LM_METRICS, LM_TASKS, glue_data, lm_data, load_tokenizer  # noqa: F401 (re-exported)
-from research.models.build import (  # noqa: F401 (re-exported)
-  build_model,
-  changed_fields,
-  check_attention,
-  check_same_model,
-)
+from research.data.builders import LM_TASKS, glue_data, lm_data, load_tokenizer  # noqa: F401 (re-exported)
+from research.models.build import build_model, check_attention, check_same_model  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +106,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   lm_task = config.task in LM_TASKS
   task = None if lm_task else tasks.get_task(config.task)
   loss_fn = losses.get_loss(config.loss or ("softmax_xent" if lm_task else task.default_loss))
-  _check_run_fields(config)
-  _check_task_fields(config, task)
+  run_checks.check_run_fields(config)
+  run_checks.check_task_fields(config, task)
 
   # --- Mesh ------------------------------------------------------------------------------
   mesh = parallel.make_mesh(config.num_devices, config.get("fsdp", 1))
   strategy = parallel.Strategy(config.parallel, mesh)
-  _check_batch_sizes(config, mesh, lm_task)
+  run_checks.check_batch_sizes(config, mesh, lm_task)
   log.info("mesh %s over %d processes, %s", dict(mesh.shape), jax.process_count(), config.parallel)
 
   # --- Data ------------------------------------------------------------------------------
@@ -135,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   dropout_rng = jax.random.key_data(jax.random.key(config.seed + 1, impl=config.rng_impl))
   model, params, arch = build_model(config.model, data.num_outputs, data.vocab_size, init_rng, config.finetune, mesh)
   check_same_model(workdir, arch)  # before anything in the workdir is written
-  _check_length_fits(config, arch, lm_task)
+  run_checks.check_length_fits(config, arch, lm_task)
   if config.loss == "distill":
     data.train_enc.extras["teacher_logits"] = teacher_logits(config, data.train_ex, task)
 
@@ -339,40 +333,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 _LATEST = ("grad_norm", "param_norm", "update_norm", "lr")  # logged as their latest measured value
 
 
-def _check_run_fields(config: ml_collections.ConfigDict) -> None:
-  """The run's length, batch and interval fields, before any data is read."""
-  for key in ("eval_every_steps", "checkpoint_every_steps", "keep_every_steps"):
-    if config[key] < 0:
-      raise ValueError(f"config.{key}={config[key]}: must be >= 0 (0 = never)")
-  for key in ("batch_size", "eval_batch_size", "log_every_steps"):
-    if config[key] <= 0:
-      raise ValueError(f"config.{key}={config[key]}: must be > 0")
-  if config.optimizer.grad_accum < 1:
-    raise ValueError(f"config.optimizer.grad_accum={config.optimizer.grad_accum}: must be >= 1")
-  if config.num_train_steps < 0:
-    raise ValueError(f"config.num_train_steps={config.num_train_steps}: must be >= 0 (0 = config.num_epochs)")
-  if not config.num_train_steps and not config.num_epochs > 0:
-    raise ValueError(
-      f"config.num_train_steps=0 and config.num_epochs={config.num_epochs}: set one of them to the run's length"
-    )
-  # Dropout bits: threefry (JAX's default) is the same under any sharding, which the
-  # sharded == single-device property relies on; "rbg" (XLA's RngBitGenerator) depends on the
-  # layout, which pmap's per-device programs do not share with jit's.
-  if config.rng_impl != "threefry2x32" and config.parallel == "pmap":
-    raise ValueError(f"config.rng_impl={config.rng_impl!r} is supported with parallel='jit' only")
-
-
-def _check_batch_sizes(config: ml_collections.ConfigDict, mesh, lm_task: bool) -> None:
-  """Each batch divides over the mesh's data axis (and micro-batches); packed rows need a BERT."""
-  if not lm_task and config.data.get("pack_rows", 0) > 0:
-    if config.model.get("arch", "bert") != "bert":
-      raise ValueError(f"config.data.pack_rows needs a BERT model, not config.model.arch={config.model.arch!r}")
-    parallel.check_batch_size(config.data.pack_rows, mesh, config.optimizer.grad_accum, name="data.pack_rows")
-  else:
-    parallel.check_batch_size(config.batch_size, mesh, config.optimizer.grad_accum)
-  parallel.check_batch_size(config.eval_batch_size, mesh)
-
-
 def _restore(ckpt: checkpoint.Checkpointer, config, state, workdir: Path, config_dict: dict):
   """(state, data position, whether it is this run's own) by precedence: the workdir's own
   latest checkpoint, else `config.resume` (another run's checkpoints), else `state` as built
@@ -380,7 +340,7 @@ def _restore(ckpt: checkpoint.Checkpointer, config, state, workdir: Path, config
   if ckpt.latest_step() is not None:
     state, data_state = ckpt.restore(ckpt.latest_step(), checkpoint.abstract(state))
     log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
-    _warn_config_changes(workdir / "config.json", config_dict)  # before config.json is rewritten
+    run_checks.warn_config_changes(workdir / "config.json", config_dict)  # before config.json is rewritten
     return state, data_state, True
   if config.resume:
     other = checkpoint.Checkpointer(
@@ -392,42 +352,6 @@ def _restore(ckpt: checkpoint.Checkpointer, config, state, workdir: Path, config
     log.info("started from %s step %d", config.resume, int(state.step))
     return state, data_state, False
   return state, None, False
-
-
-def _config_changes(saved: Path, now: dict) -> list[str]:
-  """ "key: old -> new" for each field that differs from the run's saved config (a resume may
-  mean it, as a longer num_train_steps, but a new batch size, say, moves the data position)."""
-  if not saved.is_file():
-    return []
-  old = flax.traverse_util.flatten_dict(json.loads(saved.read_text()), sep=".")
-  return changed_fields(old, flax.traverse_util.flatten_dict(now, sep="."), ignore=("progress",))
-
-
-def _check_task_fields(config: ml_collections.ConfigDict, task: tasks.Task | None) -> None:
-  """The loss fits the task's head, and best_metric is one the eval reports (else the run would
-  fail at its first eval)."""
-  reported = LM_METRICS if task is None else (*task.metrics, "loss")
-  if config.best_metric and config.best_metric not in reported:
-    raise ValueError(f"config.best_metric={config.best_metric!r}: the eval reports {', '.join(reported)}")
-  if task is not None and config.loss:
-    kind, want = losses.KINDS.get(config.loss), "regression" if task.is_regression else "classification"
-    if kind and kind != want:
-      raise ValueError(f"config.loss={config.loss!r} is a {kind} loss; {task.name} is a {want} task")
-
-
-def _warn_config_changes(saved: Path, now: dict) -> None:
-  """On the process that writes config.json (the others could read it mid-rewrite)."""
-  if jax.process_index() == 0 and (changes := _config_changes(saved, now)):
-    log.warning("resuming with a config that differs from the run's config.json: %s", "; ".join(changes))
-
-
-def _check_length_fits(config: ml_collections.ConfigDict, arch: dict, lm_task: bool) -> None:
-  """The longest sequence the data can give must have a position in the model: found at the
-  first batch that long otherwise, which may be hours into the run."""
-  key = "seq_len" if lm_task else "max_length"
-  limit_key = "block_size" if "block_size" in arch else "max_position_embeddings"
-  if limit_key in arch and config.data[key] > arch[limit_key]:
-    raise ValueError(f"config.data.{key}={config.data[key]} is longer than the model's {limit_key}={arch[limit_key]}")
 
 
 def _accumulate(sums: dict, m: dict) -> None:

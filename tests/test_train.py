@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, TWO_BUCKETS, tiny_config
 
 from configs import glue as glue_cfg
-from research import checkpoint, train
+from research import checkpoint, run_checks, train
 from research.models.convert import WeightsError
 
 
@@ -118,7 +118,7 @@ _DAMAGED_CHILD = textwrap.dedent("""
     sys.path.insert(0, {tests!r}); sys.path.insert(0, {repo!r})
     from pathlib import Path
     from conftest import tiny_config
-    from research import checkpoint, train
+    from research import checkpoint, run_checks, train
     workdir, glue = Path(sys.argv[1]), Path(sys.argv[2])
     errors = []
     for attempt in (
@@ -594,8 +594,12 @@ def test_a_resume_with_a_changed_config_lists_the_changes(tmp_path):
   saved = tmp_path / "config.json"
   saved.write_text(json.dumps({"batch_size": 32, "progress": True, "optimizer": {"lr": 1e-3, "b1": 0.9}}))
   now = {"batch_size": 16, "progress": False, "optimizer": {"lr": 1e-3, "b1": 0.95}, "new": 1}
-  assert train._config_changes(saved, now) == ["batch_size: 32 -> 16", "new: None -> 1", "optimizer.b1: 0.9 -> 0.95"]
-  assert train._config_changes(tmp_path / "none.json", now) == []
+  assert run_checks.config_changes(saved, now) == [
+    "batch_size: 32 -> 16",
+    "new: None -> 1",
+    "optimizer.b1: 0.9 -> 0.95",
+  ]
+  assert run_checks.config_changes(tmp_path / "none.json", now) == []
 
 
 def test_a_second_ctrl_c_stops_without_waiting_for_the_save():
