@@ -294,28 +294,25 @@ def save_hf_folder(
     hf_cfg["problem_type"] = problem_type
   (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
   save_file(params_to_hf(params, cfg), str(out / "model.safetensors"), metadata={"format": "pt"})
+  return _finish_export(out, before, tokenizer)
+
+
+def _files_before_export(out: Path) -> set[str]:
+  """The names in the folder before an export writes into it (made if need be)."""
+  out.mkdir(parents=True, exist_ok=True)
+  return {p.name for p in out.iterdir()}
+
+
+def _finish_export(out: Path, before: set[str], tokenizer=None) -> Path:
+  """Save the tokenizer beside config.json and model.safetensors. A used folder keeps what the
+  export does not overwrite, as `save_pretrained` does; name those files, since transformers may
+  read some of them (other weights, a PEFT adapter_config.json)."""
   written = {"config.json", "model.safetensors"}
   if tokenizer is not None:
     written |= {Path(f).name for f in tokenizer.save_pretrained(str(out))}
-  _warn_left_over(out, before, written)
-  return out
-
-
-def _files_before_export(out: Path) -> dict[str, int]:
-  """The folder's files (name -> mtime) before an export writes into it, made if need be."""
-  out.mkdir(parents=True, exist_ok=True)
-  return {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-
-
-def _warn_left_over(out: Path, before: dict[str, int], written: set[str]) -> None:
-  """An export into a used folder keeps what it does not overwrite, as `save_pretrained` does;
-  name those files, since transformers may read some of them (other weights, a PEFT adapter).
-  Written: named by the export, or with a new mtime (a coarse clock can hide a rewrite)."""
-  kept = sorted(
-    n for n, t in before.items() if n not in written and (out / n).exists() and (out / n).stat().st_mtime_ns == t
-  )
-  if kept:
+  if kept := sorted(before - written):
     log.warning("%s: the export kept files from before that it did not write: %s", out, ", ".join(kept))
+  return out
 
 
 # --- masked-LM checkpoints (BertForMaskedLM) ---------------------------------------------
@@ -391,8 +388,4 @@ def save_hf_mlm_folder(out_dir: str | Path, params: dict, cfg: BertConfig, token
     tensors[hf] = np.ascontiguousarray(v.T) if fn is _T else v
   tensors["cls.predictions.decoder.weight"] = tensors["bert.embeddings.word_embeddings.weight"].copy()
   save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-  written = {"config.json", "model.safetensors"}
-  if tokenizer is not None:
-    written |= {Path(f).name for f in tokenizer.save_pretrained(str(out))}
-  _warn_left_over(out, before, written)
-  return out
+  return _finish_export(out, before, tokenizer)
