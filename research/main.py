@@ -5,6 +5,7 @@ python -m research.main --config configs/glue.py:task=sst2,model=minilm --workdi
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -24,6 +25,26 @@ _EXECUTABLES = flags.DEFINE_string("executable_cache", compile_cache.DEFAULT_DIR
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a --config override of a key the config lacks reported as a flag
+  error (one line naming the flag and the nearest key) instead of ml_collections' traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: KeyError("'lrr'\nDid you mean ...")
+    err = e
+    while err.args and isinstance(err.args[0], BaseException):
+      err = err.args[0]
+    key, *hint = str(err.args[0] if err.args else err).splitlines() or [""]
+    if not (len(key) > 2 and key[0] == key[-1] == "'"):  # not a missing key: the error as it is
+      raise
+    flags_given = (a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config."))
+    named = [f for f in flags_given if key.strip("'") in f.split(".")[1:]]
+    sys.stderr.write(
+      f"FATAL Flags parsing error: {' '.join(named) or '--config'}: the config has no key {key}. {' '.join(hint)}\n"
+    )
+    sys.exit(1)
+
+
 def main(argv):
   del argv
   xla_env.prepare_process()  # XLA:CPU flags (a user's own XLA_FLAGS win) and heap, before the backend starts
@@ -40,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
