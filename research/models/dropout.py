@@ -11,7 +11,7 @@ alone are B x N x L x L per layer): in a MiniLM 32 x 128 step they took ~250 ms 
   hashing of a word per element; computing the words once, behind an optimization barrier, made
   the MiniLM 32 x 128 step 2% slower (benchmarks/results/PERFORMANCE.md, "Compile time"). The
   step is still 8% faster than with `nn.Dropout`'s `bernoulli` draws (1.01 against 1.10 s on the
-  Intel AMX host, 2026-12-04): no conversion to a float uniform, a 16-bit integer compare.
+  Intel AMX host, 2026-12-04): the draws are compared as integers, with no float uniform made.
 - "hash": no bit array at all. Each element's draw is a keyed hash of its flat index (two
   words taken from the key, each mixed in by a round of Wellons' low-bias 32-bit integer
   hash), which XLA computes inside the fusion that applies the mask, so the draws are never
