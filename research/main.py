@@ -5,6 +5,7 @@ python -m research.main --config configs/glue.py:task=sst2,model=minilm --workdi
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -35,12 +36,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     while err.args and isinstance(err.args[0], BaseException):
       err = err.args[0]
     key, *hint = str(err.args[0] if err.args else err).splitlines() or [""]
-    if not (len(key) > 2 and key[0] == key[-1] == "'"):  # not a missing key: the error as it is
+    if not re.fullmatch(r"'[^'\s]+'", key):  # not a missing key: the error as it is
       raise
     flags_given = (a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config."))
     named = [f for f in flags_given if key.strip("'") in f.split(".")[1:]]
     sys.stderr.write(
-      f"FATAL Flags parsing error: {' '.join(named) or '--config'}: the config has no key {key}. {' '.join(hint)}\n"
+      f"FATAL Flags parsing error: {' '.join(named) or '--config'}: the config has no key {key}. {' '.join(hint)}".rstrip()
+      + "\n"
     )
     sys.exit(1)
 
