@@ -86,17 +86,7 @@ def read_glue_tsv(path: Path, task: Task) -> Examples:
         if not v:
           raise DataError(f"{path}:{lineno}: empty text in column {c!r}")
       texts.append(t)
-      if label_idx is None:
-        labels.append(np.nan if task.is_regression else UNLABELED)
-      elif task.is_regression:
-        try:
-          labels.append(float(row[label_idx]))
-        except ValueError:
-          raise DataError(f"{path}:{lineno}: label {row[label_idx]!r} is not a number") from None
-      else:
-        if row[label_idx] not in label_ids:
-          raise DataError(f"{path}:{lineno}: unknown label {row[label_idx]!r}; expected one of {list(task.labels)}")
-        labels.append(label_ids[row[label_idx]])
+      labels.append(_label(None if label_idx is None else row[label_idx], task, label_ids, f"{path}:{lineno}"))
 
     for lineno, row in enumerate(pending, start=1):
       parse(lineno, row)
@@ -107,6 +97,20 @@ def read_glue_tsv(path: Path, task: Task) -> Examples:
     raise DataError(f"{path}: no examples")
   dtype = np.float32 if task.is_regression else np.int32
   return Examples(texts, np.asarray(labels, dtype), str(path))
+
+
+def _label(value: str | None, task: Task, label_ids: dict[str, int], where: str) -> float | int:
+  """One row's label: a float (regression), a class id, or the unlabeled marker (a test file)."""
+  if value is None:
+    return np.nan if task.is_regression else UNLABELED
+  if task.is_regression:
+    try:
+      return float(value)
+    except ValueError:
+      raise DataError(f"{where}: label {value!r} is not a number") from None
+  if value not in label_ids:
+    raise DataError(f"{where}: unknown label {value!r}; expected one of {list(task.labels)}")
+  return label_ids[value]
 
 
 def _tfds_split(task: Task, split: str) -> str:
