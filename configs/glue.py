@@ -13,6 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from research.data import tasks
 from research.data.sources import default_glue_dir
 
 # Per-task defaults that differ from the BERT paper recipe below (as data).
@@ -27,6 +28,7 @@ TASK_DEFAULTS = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, task="sst2", model="minilm", smoke=False)
+  tasks.get_task(a.task)  # an unknown task fails here, naming the nearest
   c = ml_collections.ConfigDict()
   c.task = a.task
   c.eval_split = "dev"

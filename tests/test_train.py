@@ -17,6 +17,7 @@ from conftest import REPO, TWO_BUCKETS, tiny_config
 
 from configs import glue as glue_cfg
 from research import checkpoint, run_checks, train
+from research.data import tasks
 from research.models.convert import WeightsError
 
 
@@ -284,6 +285,10 @@ def test_config_typo_names_the_nearest_key():
     c.optimizer.lrr = 1e-3
   with pytest.raises(ValueError, match=r"unknown config argument 'taks'.*did you mean 'task'"):
     glue_cfg.get_config("taks=sst2")
+  with pytest.raises(ValueError, match=r"config.task='sst3': unknown task \(GLUE tasks: cola, .*did you mean 'sst2'"):
+    glue_cfg.get_config("task=sst3")  # at flag parsing, not when the run starts
+  with pytest.raises(ValueError, match=r"config.task='qnlii': unknown task .*did you mean 'qnli'"):
+    tasks.get_task("qnlii")  # what train_and_evaluate meets for --config.task=qnlii
   with pytest.raises(ValueError, match=r"config argument 'smoke=maybe': smoke is a switch"):
     glue_cfg.get_config("task=sst2,smoke=maybe")  # was read as smoke=False
   assert (

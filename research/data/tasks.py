@@ -7,6 +7,7 @@ a folder per task (`SST-2` or `sst2`) holding train/dev/test TSVs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,5 +138,7 @@ TASKS: dict[str, Task] = {
 
 def get_task(name: str) -> Task:
   if name not in TASKS:
-    raise KeyError(f"unknown task {name!r}; GLUE tasks: {', '.join(TASKS)}")
+    near = difflib.get_close_matches(name, TASKS, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise ValueError(f"config.task={name!r}: unknown task (GLUE tasks: {', '.join(TASKS)}){hint}")
   return TASKS[name]
