@@ -144,15 +144,20 @@ def _unreadable(directory: Path, step: int, error: Exception, saved_steps) -> Un
   )
 
 
+def _state_reader(directory: str | Path) -> ocp.CheckpointManager:
+  """A read-only manager of a checkpoints folder that knows the "state" item without a target:
+  its metadata (the saved tree's shapes and dtypes) and a restore into any layout."""
+  return ocp.CheckpointManager(
+    Path(directory).resolve(),
+    item_handlers={"state": ocp.StandardCheckpointHandler()},
+    options=ocp.CheckpointManagerOptions(read_only=True),
+  )
+
+
 def _saved_state_metadata(directory: Path, step: int) -> Any:
   """The saved train state's tree of array metadata (shape, dtype), or None if unreadable."""
   try:
-    mngr = ocp.CheckpointManager(
-      directory.resolve(),
-      item_handlers={"state": ocp.StandardCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(read_only=True),
-    )
-    return mngr.item_metadata(step).state
+    return _state_reader(directory).item_metadata(step).state
   except Exception:  # noqa: BLE001 - no metadata: then the files are what is wrong
     return None
 
@@ -165,8 +170,7 @@ def _tree_difference(saved, target) -> str:
 
   def by_path(tree) -> dict[str, Any]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))  # noqa: E731
-    return {"/".join(name(k) for k in path): leaf for path, leaf in flat}
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
 
   have, want = by_path(saved), by_path(target)
   if missing := sorted(want.keys() - have.keys()):
@@ -215,11 +219,7 @@ def restore_on_host(directory: str | Path, step: int | None = None) -> tuple[int
 
   For prediction, export and inspection: no optimizer or mesh is needed.
   """
-  mngr = ocp.CheckpointManager(
-    Path(directory).resolve(),
-    item_handlers={"state": ocp.StandardCheckpointHandler()},
-    options=ocp.CheckpointManagerOptions(read_only=True),
-  )
+  mngr = _state_reader(directory)
   saved = mngr.all_steps()
   if not saved:
     raise FileNotFoundError(f"{directory}: no checkpoint")
